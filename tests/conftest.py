@@ -1,0 +1,36 @@
+"""Shared pytest fixtures: where the read-only ``../shared`` folder lives, with clean skips."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DKM_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path} (set DKM_SHARED_DIR to the shared/ folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """``shared/fixtures``: key lists and numerical parity fixtures of the original release."""
+    return _require(SHARED / "fixtures", "parity fixtures folder")
+
+
+@pytest.fixture(scope="session")
+def realdata_dir() -> Path:
+    """``shared/realdata``: small real image sets with ground truth."""
+    return _require(SHARED / "realdata", "real data folder")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
