@@ -1,0 +1,196 @@
+"""DKM's coarse-to-fine decoder: the embedding decoder (RRB/CAB) after the GP at the coarse
+scales, the convolutional refiners at every scale, and the loop that ties them together.
+
+Module and attribute names follow the released checkpoints (their state_dict keys are a contract).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..geometry.coords import normalized_grid
+
+
+class RRB(nn.Module):
+    """Residual refinement block: ``relu(conv1(x) + conv3(relu(bn(conv2(conv1(x))))))``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__()
+        pad = kernel_size // 2
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size, padding=pad)
+        self.relu = nn.ReLU()
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.conv3 = nn.Conv2d(out_channels, out_channels, kernel_size, padding=pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        res = self.conv3(self.relu(self.bn(self.conv2(x))))
+        return self.relu(x + res)
+
+
+class CAB(nn.Module):
+    """Channel attention block: gates the new features by a global descriptor of (old, new)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 1)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 1)
+        self.sigmod = nn.Sigmoid()  # (sic) name kept: no parameters, but part of the original module
+
+    def forward(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        g = self.global_pooling(torch.cat([old, new], dim=1))
+        g = self.sigmod(self.conv2(self.relu(self.conv1(g))))
+        return old + g * new
+
+
+class EmbeddingDecoder(nn.Module):
+    """Decodes GP output + query features into a flow and a certainty logit at the coarse scales.
+
+    Per scale key ``s``: ``feat_input_modules[s]`` (1x1 conv of the features), ``rrb_d[s]``,
+    ``cab[s]`` (fusing with the upsampled state of the previous scale), ``rrb_u[s]`` and
+    ``terminal_module[s]`` (1x1 conv to ``[certainty, flow_x, flow_y]``).
+    """
+
+    def __init__(self, scales, feat_in: int, gp_dim: int, feat_dim: int, internal_dim: int):
+        super().__init__()
+        self.internal_dim = internal_dim
+        keys = [str(s) for s in scales]
+        self.feat_input_modules = nn.ModuleDict({k: nn.Conv2d(feat_in, feat_dim, 1) for k in keys})
+        self.rrb_d = nn.ModuleDict({k: RRB(gp_dim + feat_dim, internal_dim) for k in keys})
+        self.cab = nn.ModuleDict({k: CAB(2 * internal_dim, internal_dim) for k in keys})
+        self.rrb_u = nn.ModuleDict({k: RRB(internal_dim, internal_dim) for k in keys})
+        self.terminal_module = nn.ModuleDict({k: nn.Conv2d(internal_dim, 3, 1) for k in keys})
+
+    def scales(self) -> list[int]:
+        return [int(k) for k in self.terminal_module.keys()]
+
+    def forward(self, gp_out, feats, state, scale: int):
+        """``gp_out`` (B, gp_dim, h, w), ``feats`` (B, C, h, w), ``state`` (B, internal_dim, h, w).
+
+        Returns ``flow`` (B, 2, h, w), ``certainty`` logits (B, 1, h, w) and the new state.
+        """
+        k = str(scale)
+        x = torch.cat([self.feat_input_modules[k](feats), gp_out], dim=1)
+        x = self.rrb_d[k](x)
+        state = self.rrb_u[k](self.cab[k](state, x))
+        out = self.terminal_module[k](state)
+        return out[:, -2:], out[:, :-2], state
+
+
+class ConvRefiner(nn.Module):
+    """Predicts a certainty update and a displacement (in units of 1/4 pixel at the refiner's
+    stride... see :meth:`Decoder.forward`) from query features and support features warped by the
+    current flow.
+
+    Each block is ``Sequential(conv kxk (depthwise if dw), BatchNorm, ReLU, conv 1x1)``.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 3, kernel_size: int = 5,
+                 dw: bool = True, hidden_blocks: int = 8):
+        super().__init__()
+        self.block1 = self._block(in_dim, hidden_dim, kernel_size, dw)
+        self.hidden_blocks = nn.Sequential(
+            *[self._block(hidden_dim, hidden_dim, kernel_size, dw) for _ in range(hidden_blocks)]
+        )
+        self.out_conv = nn.Conv2d(hidden_dim, out_dim, 1)
+
+    @staticmethod
+    def _block(in_dim, out_dim, kernel_size, dw):
+        if dw and out_dim % in_dim != 0:
+            raise ValueError(f"depthwise block needs out_dim % in_dim == 0, got {out_dim} and {in_dim}")
+        return nn.Sequential(
+            nn.Conv2d(in_dim, out_dim, kernel_size, padding=kernel_size // 2, groups=in_dim if dw else 1),
+            nn.BatchNorm2d(out_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_dim, out_dim, 1),
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, flow: torch.Tensor):
+        """``x``, ``y`` (B, C, h, w) query/support features, ``flow`` (B, 2, h, w) normalized.
+
+        Returns ``certainty`` delta (B, 1, h, w) and ``displacement`` (B, 2, h, w).
+        """
+        with torch.no_grad():  # gradients through grid_sample were unstable in the original work
+            y_warped = F.grid_sample(y, flow.permute(0, 2, 3, 1), mode="bilinear", align_corners=False)
+        d = self.out_conv(self.hidden_blocks(self.block1(torch.cat((x, y_warped), dim=1))))
+        return d[:, :-2], d[:, -2:]
+
+
+class Decoder(nn.Module):
+    """The coarse-to-fine loop over scales 32, 16, 8, 4, 2, 1.
+
+    At coarse scales (those of the embedding decoder) the GP matcher and embedding decoder predict an
+    absolute flow; at every scale with a refiner, a displacement ``scale * d / (4 * W)`` (x) and
+    ``scale * d / (4 * H)`` (y), ``(H, W)`` the full-resolution size, is added and the certainty logit
+    is updated additively. Between scales flow and certainty are bilinearly upsampled and, if
+    ``detach``, detached (as in training of the released models).
+    """
+
+    SCALES = (32, 16, 8, 4, 2, 1)
+
+    def __init__(self, embedding_decoder: EmbeddingDecoder, gps: nn.ModuleDict, proj: nn.ModuleDict,
+                 conv_refiner: nn.ModuleDict, detach: bool = True):
+        super().__init__()
+        self.embedding_decoder = embedding_decoder
+        self.gps = gps
+        self.proj = proj
+        self.conv_refiner = conv_refiner
+        self.detach = detach
+
+    def forward(self, f_q: dict, f_s: dict) -> dict:
+        """Feature pyramids ``{stride: (B, C, H/stride, W/stride)}`` -> ``{stride: {"dense_flow":
+        (B, 2, h, w), "dense_certainty": (B, 1, h, w)}}`` (flow in normalized support coordinates,
+        certainty as logits)."""
+        coarse = self.embedding_decoder.scales()
+        sizes = {s: f_q[s].shape[-2:] for s in f_q}
+        h, w = sizes[1]
+        b = f_q[32].shape[0]
+        ref = f_q[32]
+        state = ref.new_zeros(b, self.embedding_decoder.internal_dim, *sizes[32])
+        flow = normalized_grid(*sizes[32], device=ref.device, dtype=ref.dtype, batch=b).permute(0, 3, 1, 2)
+        certainty = 0.0
+        out = {}
+        for s in self.SCALES:
+            k = str(s)
+            fq, fs = f_q[s], f_s[s]
+            if k in self.proj:
+                fq, fs = self.proj[k](fq), self.proj[k](fs)
+            if s in coarse:
+                state = F.interpolate(state, size=sizes[s], mode="bilinear", align_corners=False)
+                gp_out = self.gps[k](fq, fs)
+                flow, certainty, state = self.embedding_decoder(gp_out, fq, state, s)
+            if k in self.conv_refiner:
+                delta_c, disp = self.conv_refiner[k](fq, fs, flow)
+                flow = torch.stack(
+                    (flow[:, 0] + s * disp[:, 0] / (4 * w), flow[:, 1] + s * disp[:, 1] / (4 * h)), dim=1
+                )
+                certainty = certainty + delta_c
+            out[s] = {"dense_flow": flow, "dense_certainty": certainty}
+            if s != 1:
+                nxt = sizes[s // 2]
+                flow = F.interpolate(flow, size=nxt, mode="bilinear", align_corners=False)
+                certainty = F.interpolate(certainty, size=nxt, mode="bilinear", align_corners=False)
+                if self.detach:
+                    flow, certainty = flow.detach(), certainty.detach()
+        return out
+
+    def upsample_preds(self, flow: torch.Tensor, certainty: torch.Tensor, query: torch.Tensor,
+                       support: torch.Tensor, iterations: int = 3):
+        """Refine a prediction at the images' full resolution with the stride-1 refiner.
+
+        ``flow`` (B, h, w, 2), ``certainty`` (B, 1, h, w) logits, ``query``/``support`` (B, 3, H, W)
+        normalized images. Returns flow (B, H, W, 2) and certainty logits (B, 1, H, W).
+        """
+        H, W = query.shape[-2:]
+        flow = F.interpolate(flow.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=False)
+        certainty = F.interpolate(certainty, size=(H, W), mode="bilinear", align_corners=False)
+        for _ in range(iterations):
+            delta_c, disp = self.conv_refiner["1"](query, support, flow)
+            disp = delta_c.sigmoid() * disp
+            flow = torch.stack((flow[:, 0] + disp[:, 0] / (4 * W), flow[:, 1] + disp[:, 1] / (4 * H)), dim=1)
+            certainty = certainty + delta_c
+        return flow.permute(0, 2, 3, 1), certainty

@@ -1,0 +1,230 @@
+"""Named DKM configurations and checkpoint loading (official URLs, local paths, key checks)."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import resnet18, resnet50
+
+from .decoder import ConvRefiner, Decoder, EmbeddingDecoder
+from .encoder import PYRAMID_CHANNELS, Encoder
+from .gp import GP
+from .matcher import RegressionMatcher
+
+log = logging.getLogger(__name__)
+
+#: Official checkpoints of the DKM release, by (architecture, version).
+WEIGHT_URLS = {
+    ("dkm_base", "v11"): "https://github.com/Parskatt/storage/releases/download/dkm/dkm_base_v11.pth",
+}
+_BACKBONES = {"resnet50": resnet50, "resnet18": resnet18}
+_IMAGENET_WEIGHTS = {"resnet50": "IMAGENET1K_V1", "resnet18": "IMAGENET1K_V1"}
+
+
+def make_backbone(name: str, weights=None) -> nn.Module:
+    """torchvision ResNet ``name``; ``weights`` = None (random init), ``"imagenet"`` (torchvision's
+    ImageNet weights, downloaded once into the torch hub cache) or a path to a ResNet state_dict."""
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {sorted(_BACKBONES)}")
+    if weights is None:
+        return _BACKBONES[name](weights=None)
+    if isinstance(weights, str) and weights.lower() == "imagenet":
+        try:
+            return _BACKBONES[name](weights=_IMAGENET_WEIGHTS[name])
+        except Exception as e:  # offline: urllib errors, hub errors
+            raise RuntimeError(
+                f"could not get torchvision's ImageNet weights for {name} ({e}). Offline, download them "
+                f"elsewhere and pass the file as backbone_weights=<path>, or use backbone_weights=None."
+            ) from e
+    net = _BACKBONES[name](weights=None)
+    net.load_state_dict(_read_state_dict(weights))
+    return net
+
+
+def build_dkm(
+    *,
+    backbone: str = "resnet50",
+    backbone_weights=None,
+    proj_dim: int = 512,
+    gp_dim: int = 256,
+    feat_dim: int = 256,
+    dfn_dim: int = 384,
+    refiner_hidden: Mapping[int, int] | None = None,
+    refiner_blocks: int = 8,
+    kernel_size: int = 5,
+    kernel_temperature: float = 0.2,
+    gp_solver: str = "inverse",
+    h: int = 384,
+    w: int = 512,
+) -> RegressionMatcher:
+    """Build a DKM :class:`RegressionMatcher`. Defaults are the v11 ``dkm_base`` architecture.
+
+    GP + embedding decoder at strides 32 and 16 (after 1x1 projections of the backbone features to
+    ``proj_dim``), depthwise conv refiners at strides 16, 8, 4, 2, 1 with ``refiner_hidden[s]`` channels.
+    """
+    if refiner_hidden is None:
+        refiner_hidden = {16: 1024, 8: 1024, 4: 512, 2: 128, 1: 24}
+    refiner_hidden = {int(k): int(v) for k, v in refiner_hidden.items()}
+    ch = PYRAMID_CHANNELS[backbone]
+    coarse = (32, 16)
+    proj = nn.ModuleDict({str(s): nn.Conv2d(ch[s], proj_dim, 1) for s in (16, 32)})
+    in_ch = {s: (proj_dim if s in coarse else ch[s]) for s in ch}
+    decoder = Decoder(
+        EmbeddingDecoder(coarse, feat_in=proj_dim, gp_dim=gp_dim, feat_dim=feat_dim, internal_dim=dfn_dim),
+        gps=nn.ModuleDict({str(s): GP(kernel_temperature, gp_dim=gp_dim, solver=gp_solver) for s in coarse}),
+        proj=proj,
+        conv_refiner=nn.ModuleDict(
+            {
+                str(s): ConvRefiner(2 * in_ch[s], refiner_hidden[s], 3, kernel_size=kernel_size,
+                                    hidden_blocks=refiner_blocks)
+                for s in (16, 8, 4, 2, 1)
+            }
+        ),
+        detach=True,
+    )
+    return RegressionMatcher(Encoder(make_backbone(backbone, backbone_weights)), decoder, h=h, w=w)
+
+
+#: Architectures by name: keyword arguments of :func:`build_dkm`.
+ARCHITECTURES = {
+    "dkm_base": {},
+    "dkm_small": dict(
+        backbone="resnet18", proj_dim=256, gp_dim=128, feat_dim=128, dfn_dim=192,
+        refiner_hidden={16: 512, 8: 256, 4: 128, 2: 128, 1: 24}, refiner_blocks=4, h=192, w=256,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _read_state_dict(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as a torch checkpoint ({e})") from e
+    return _unwrap(obj, str(path))
+
+
+def _unwrap(obj, name: str) -> dict:
+    """Upstream .pth (a plain state_dict) or a Lightning .ckpt (``state_dict`` with ``model.`` keys)."""
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        sd = obj["state_dict"]
+        if any(k.startswith("model.") for k in sd):
+            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+        return dict(sd)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{name}: expected a state_dict (mapping of names to tensors), got {type(obj).__name__}")
+    return dict(obj)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping, name: str = "checkpoint", max_list: int = 5) -> None:
+    """Raise ``ValueError`` listing the first missing, unexpected and mis-shaped keys, if any."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                more = f" (+{len(items) - max_list} more)" if len(items) > max_list else ""
+                parts.append(f"{len(items)} {label}: " + ", ".join(items[:max_list]) + more)
+        raise ValueError(f"{name} does not fit this model ({type(model).__name__}): " + "; ".join(parts))
+
+
+def load_weights(model: nn.Module, weights) -> nn.Module:
+    """Load a checkpoint strictly into ``model``: a path to an upstream ``.pth`` state_dict or to a
+    Lightning ``.ckpt`` of this project, or an in-memory state_dict."""
+    if isinstance(weights, (str, PathLike)):
+        name, sd = str(weights), _read_state_dict(weights)
+    else:
+        name, sd = "state_dict", _unwrap(weights, "state_dict")
+    check_state_dict(model, sd, name)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def download_weights(arch: str, version: str) -> dict:
+    """Official checkpoint via ``torch.hub`` (cached in ``$TORCH_HOME/hub/checkpoints``)."""
+    try:
+        url = WEIGHT_URLS[(arch, version)]
+    except KeyError:
+        known = ", ".join(f"{a}/{v}" for a, v in WEIGHT_URLS)
+        raise ValueError(f"no official weights for {arch} version {version!r}; known: {known}") from None
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(
+            f"could not download the official {arch} {version} weights from {url} ({e}). "
+            f"Download the file elsewhere and pass it as weights='<path to {url.rsplit('/', 1)[-1]}>' "
+            f"(Hydra: model.weights=<path> or ckpt=<path>)."
+        ) from e
+
+
+def _make(arch: str, *, pretrained: bool, version: str, weights, backbone_weights, device, **overrides):
+    kwargs = {**ARCHITECTURES[arch], **overrides}
+    loads_matcher = weights is not None or pretrained
+    model = build_dkm(backbone_weights=None if loads_matcher else backbone_weights, **kwargs)
+    if weights is not None:
+        load_weights(model, weights)
+    elif pretrained:
+        load_weights(model, download_weights(arch, version))
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def dkm_base(pretrained: bool = True, version: str = "v11", *, weights=None, h: int = 384, w: int = 512,
+             backbone_weights="imagenet", device=None, **overrides) -> RegressionMatcher:
+    """DKM v11 ``dkm_base``.
+
+    Args:
+        pretrained: load the official checkpoint (downloaded through ``torch.hub``).
+        version: checkpoint version (``"v11"``).
+        weights: local checkpoint path (or state_dict); takes precedence over ``pretrained``.
+        h, w: internal resolution of :meth:`~RegressionMatcher.match`.
+        backbone_weights: backbone init when no matcher weights are loaded: ``"imagenet"`` (as the
+            release), a path to a ResNet-50 state_dict, or ``None`` (random).
+        device: where to put the model (default: stays on CPU; move it with ``.to()``).
+    """
+    return _make("dkm_base", pretrained=pretrained, version=version, weights=weights,
+                 backbone_weights=backbone_weights, device=device, h=h, w=w, **overrides)
+
+
+def dkm_small(*, weights=None, h: int = 192, w: int = 256, backbone_weights=None, device=None,
+              **overrides) -> RegressionMatcher:
+    """A small DKM (ResNet-18, narrow decoder) for CPU experiments; no official weights."""
+    return _make("dkm_small", pretrained=False, version="", weights=weights,
+                 backbone_weights=backbone_weights, device=device, h=h, w=w, **overrides)
+
+
+def build_model(cfg: Mapping) -> nn.Module:
+    """Build a matcher from a ``conf/model/*.yaml`` mapping (``arch``, ``h``, ``w``, ``weights``,
+    ``pretrained``, ``backbone_weights``, ``fast``; ``arch: sift`` builds the classical baseline)."""
+    cfg = dict(cfg)
+    arch = cfg.pop("arch")
+    if arch == "sift":
+        from .sift import SiftMatcher
+
+        for k in ("weights", "pretrained", "fast", "backbone_weights"):
+            cfg.pop(k, None)
+        return SiftMatcher(**cfg)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model arch {arch!r}; expected one of {sorted(ARCHITECTURES) + ['sift']}")
+    fast = bool(cfg.pop("fast", False))
+    version = cfg.pop("version", "v11")
+    if fast:
+        cfg.setdefault("gp_solver", "cholesky")
+    model = _make(arch, pretrained=bool(cfg.pop("pretrained", False)), version=version,
+                  weights=cfg.pop("weights", None), backbone_weights=cfg.pop("backbone_weights", None),
+                  device=None, **cfg)
+    return model

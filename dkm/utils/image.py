@@ -1,0 +1,97 @@
+"""Image input handling for ``match()``: paths, PIL images and tensors -> normalized batches.
+
+All conversions to RGB and all validation live here so that a bad input fails with a clear message
+naming the file or shape, never with a shape error from inside the network.
+"""
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MIN_SIDE = 2
+
+
+def load_image(im) -> Image.Image:
+    """Open a path (``str``/``PathLike``) or take a PIL image, and return it as 8-bit RGB.
+
+    Grayscale, RGBA/LA (alpha dropped), palette, CMYK, 1-bit, 16-bit and float images are converted;
+    16-bit and float images are scaled by their type's range (float images are assumed in [0, 1]).
+    """
+    name = "PIL image"
+    if isinstance(im, (str, PathLike)):
+        path = Path(im)
+        name = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {path}")
+        try:
+            with Image.open(path) as f:
+                f.load()
+                im = f.copy()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path} is not a readable image file ({e})") from e
+    if not isinstance(im, Image.Image):
+        raise TypeError(f"expected a path, a PIL image or a tensor, got {type(im).__name__}")
+    w, h = im.size
+    if w < MIN_SIDE or h < MIN_SIDE:
+        raise ValueError(f"{name} has size {w}x{h}; images must be at least {MIN_SIDE}x{MIN_SIDE} pixels")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        scale = 1.0 if im.mode == "F" else (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0)
+        a = np.clip(np.round(a / scale * 255.0), 0, 255).astype(np.uint8)
+        im = Image.fromarray(a, mode="L")
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def pil_to_tensor(im: Image.Image, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """8-bit RGB PIL image -> ImageNet-normalized (3, H, W) float32 tensor.
+
+    If ``size = (H, W)`` is given the image is first resized with PIL's bicubic filter (what
+    torchvision's ``Resize(..., BICUBIC)`` does on PIL images, as in the original release).
+    """
+    if size is not None and (im.size[1], im.size[0]) != tuple(size):
+        im = im.resize((size[1], size[0]), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+    return normalize(x)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """(…, 3, H, W) RGB in [0, 1] -> ImageNet-normalized."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x - mean) / std
+
+
+def check_image_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Validate a (B, 3, H, W) or (3, H, W) image tensor in [0, 1] (uint8 is scaled by 1/255)
+    and return it as a float (B, 3, H, W) tensor."""
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"{name} must have shape (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}")
+    if x.shape[0] == 0 or x.shape[-1] < MIN_SIDE or x.shape[-2] < MIN_SIDE:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; need B >= 1 and H, W >= {MIN_SIDE}")
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    elif not x.is_floating_point():
+        raise ValueError(f"{name} must be float in [0, 1] or uint8, got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x
+
+
+def resize_tensor(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic, antialiased resize of (B, 3, H, W) images in [0, 1] (a close match to PIL's)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
