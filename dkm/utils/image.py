@@ -45,7 +45,7 @@ def load_image(im) -> Image.Image:
         a = np.asarray(im, dtype=np.float64)
         scale = 1.0 if im.mode == "F" else (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0)
         a = np.clip(np.round(a / scale * 255.0), 0, 255).astype(np.uint8)
-        im = Image.fromarray(a, mode="L")
+        im = Image.fromarray(a)
     if im.mode != "RGB":
         im = im.convert("RGB")
     return im

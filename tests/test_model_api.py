@@ -1,0 +1,214 @@
+"""match()/sample()/weights-loading behaviour of the public API, on a small random model."""
+from __future__ import annotations
+
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from dkm import dkm_base, dkm_small, load_weights
+from dkm.geometry.coords import normalized_grid, normalized_to_pixel, pixel_to_normalized
+from dkm.models import zoo
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    return dkm_small(h=64, w=96).eval()
+
+
+@pytest.fixture(scope="module")
+def rgb():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize((160, 120), Image.BILINEAR)
+
+
+def test_match_accepts_pil_paths_and_tensors_consistently(small, rgb, tmp_path):
+    p1, p2 = tmp_path / "a.png", tmp_path / "b.jpg"
+    rgb.save(p1)
+    rgb.rotate(5).save(p2, quality=98)
+    w_pil, c_pil = small.match(rgb, Image.open(p2))
+    w_path, c_path = small.match(str(p1), p2)
+    assert w_pil.shape == (64, 96, 4) and c_pil.shape == (64, 96)
+    torch.testing.assert_close(w_pil, w_path)
+    torch.testing.assert_close(c_pil, c_path)
+    t1 = torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float()[None] / 255
+    t2 = torch.from_numpy(np.array(Image.open(p2).convert("RGB"))).permute(2, 0, 1).float()[None] / 255
+    w_t, c_t = small.match(torch.cat([t1, t2]), torch.cat([t2, t1]))
+    assert w_t.shape == (2, 64, 96, 4) and c_t.shape == (2, 64, 96)
+    assert ((c_t >= 0) & (c_t <= 1)).all()
+    # query half of the warp is the pixel-centre grid of the internal resolution
+    torch.testing.assert_close(w_t[0, ..., :2], normalized_grid(64, 96))
+    assert w_t[..., 2:].abs().max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "I;16", "1", "CMYK"])
+def test_match_converts_image_modes(small, rgb, mode):
+    if mode == "I;16":
+        arr = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+        im = Image.fromarray(arr)
+        assert im.mode.startswith("I;16")
+        ref8 = rgb.convert("L").convert("RGB")
+    else:
+        im = rgb.convert(mode)
+        ref8 = im.convert("RGB")
+    w, c = small.match(im, im)
+    w_ref, c_ref = small.match(ref8, ref8)
+    assert torch.isfinite(w).all() and w.shape == (64, 96, 4)
+    torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=0)
+
+
+def test_internal_resolution_and_original_resolution(small, rgb):
+    model = dkm_small(h=32, w=64)
+    w, c = model.match(rgb, rgb)
+    assert w.shape == (32, 64, 4)
+    w, c = small.match(rgb, rgb.resize((100, 90)), do_pred_in_og_res=True)
+    assert w.shape == (120, 160, 4) and c.shape == (120, 160)
+    torch.testing.assert_close(w[..., :2], normalized_grid(120, 160))
+
+
+def test_cycle_consistency_works_on_batches(small, rgb):
+    other = rgb.transpose(Image.FLIP_LEFT_RIGHT)
+    w1, c1 = small.match(rgb, other, check_cycle_consistency=True)
+    w2, c2 = small.match(other, rgb, check_cycle_consistency=True)
+    to_t = lambda im: torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255  # noqa: E731
+    wb, cb = small.match(torch.stack([to_t(rgb), to_t(other)]), torch.stack([to_t(other), to_t(rgb)]),
+                         check_cycle_consistency=True)
+    assert wb.shape == (2, 64, 96, 4)
+    # PIL and tensor resizing differ slightly; compare the bulk of pixels
+    for wi, ci, b in ((w1, c1, 0), (w2, c2, 1)):
+        close = (wb[b] - wi).abs().amax(-1) < 2e-2
+        assert close.float().mean() > 0.9
+    # pairs in a batch do not influence each other
+    ws, cs = small.match(torch.stack([to_t(rgb)]), torch.stack([to_t(other)]), check_cycle_consistency=True)
+    torch.testing.assert_close(ws[0], wb[0], atol=1e-4, rtol=0)
+
+
+def test_match_restores_training_mode(small, rgb):
+    small.train()
+    small.match(rgb, rgb)
+    assert small.training
+    small.eval()
+    small.match(rgb, rgb)
+    assert not small.training
+
+
+def test_match_rejects_bad_input(small, rgb, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        small.match(tmp_path / "missing.png", rgb)
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="not_an_image.jpg"):
+        small.match(bad, rgb)
+    with pytest.raises(ValueError, match="1x1"):
+        small.match(Image.new("RGB", (1, 1)), rgb)
+    with pytest.raises(ValueError, match="NaN"):
+        small.match(torch.full((1, 3, 32, 32), float("nan")), torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        small.match(torch.zeros(1, 5, 32, 32), torch.zeros(1, 5, 32, 32))
+    with pytest.raises(ValueError, match="batch sizes"):
+        small.match(torch.zeros(2, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError):
+        small.match(torch.zeros(0, 3, 32, 32), torch.zeros(0, 3, 32, 32))
+
+
+def test_sample_is_weighted_reproducible_and_thresholded():
+    h, w = 40, 50
+    grid = normalized_grid(h, w)
+    matches = torch.cat([grid, grid], dim=-1)
+    cert = torch.zeros(h, w)
+    cert[:20] = 1.0  # only the top half is certain
+    cert[20:25] = 0.01
+    g = torch.Generator().manual_seed(3)
+    m1, c1 = zoo.RegressionMatcher.sample(matches, cert, 500, generator=g)
+    m2, c2 = zoo.RegressionMatcher.sample(matches, cert, 500, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(m1, m2)
+    assert m1.shape == (500, 4) and c1.shape == (500,)
+    assert len({tuple(r) for r in m1.tolist()}) == 500  # without replacement
+    # weight 1 vs 0.01: nearly all samples are from the certain rows (y < 0)
+    assert (m1[:, 1] < 0).float().mean() > 0.95
+    # relative threshold removes the 0.01 rows entirely
+    m3, c3 = zoo.RegressionMatcher.sample(matches, cert, 2000, relative_confidence_threshold=0.5, generator=g)
+    assert (c3 == 1).all() and m3.shape == (1000, 4)
+    # fewer candidates than requested: returns all of them, no error
+    m4, c4 = zoo.RegressionMatcher.sample(matches, cert, 10**6)
+    assert m4.shape == (1250, 4)
+    # numpy in, numpy out
+    m5, c5 = zoo.RegressionMatcher.sample(matches.numpy(), cert.numpy(), 10)
+    assert isinstance(m5, np.ndarray) and m5.shape == (10, 4)
+
+
+def test_to_pixel_coordinates_and_convention():
+    m = torch.tensor([[-1 + 1 / 8, -1 + 1 / 4, 1.0, -1.0]])  # centre of pixel (0, 0) in a 4x2 image
+    ka, kb = zoo.RegressionMatcher.to_pixel_coordinates(m, 4, 8, 10, 20)
+    torch.testing.assert_close(ka, torch.tensor([[0.5, 0.5]]))
+    torch.testing.assert_close(kb, torch.tensor([[20.0, 0.0]]))
+    ka0, _ = zoo.RegressionMatcher.to_pixel_coordinates(m, 4, 8, 10, 20, center=0.0)
+    torch.testing.assert_close(ka0, torch.tensor([[0.0, 0.0]]))
+    uv = np.array([[3.0, 7.0]])
+    np.testing.assert_allclose(normalized_to_pixel(pixel_to_normalized(uv, 9, 11, 0.0), 9, 11, 0.0), uv)
+
+
+def test_weights_loading_checks_keys_and_accepts_lightning_ckpt(small, tmp_path):
+    sd = small.state_dict()
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    fresh = dkm_small(h=64, w=96, weights=path)
+    torch.testing.assert_close(fresh.state_dict()["decoder.proj.32.weight"], sd["decoder.proj.32.weight"])
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "global_step": 3}, ckpt)
+    load_weights(dkm_small(h=64, w=96), ckpt)
+    broken = dict(sd)
+    broken.pop("decoder.proj.32.weight")
+    broken["decoder.extra"] = torch.zeros(1)
+    broken["decoder.proj.16.weight"] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(ValueError) as e:
+        load_weights(dkm_small(h=64, w=96), broken)
+    msg = str(e.value)
+    assert "missing" in msg and "decoder.proj.32.weight" in msg
+    assert "unexpected" in msg and "decoder.extra" in msg
+    assert "decoder.proj.16.weight" in msg and "(1, 1, 1, 1)" in msg
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        dkm_small(weights=tmp_path / "nope.pth")
+
+
+def test_pretrained_offline_says_what_to_do(monkeypatch):
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError) as e:
+        dkm_base(pretrained=True, version="v11")
+    assert "dkm_base_v11.pth" in str(e.value) and "weights=" in str(e.value)
+
+
+def test_backbone_not_downloaded_when_weights_given(monkeypatch, small, tmp_path):
+    requested = []
+
+    def resnet18(weights=None):
+        requested.append(weights)
+        if weights is not None:
+            raise OSError("offline")
+        return torchvision.models.resnet18(weights=None)
+
+    monkeypatch.setitem(zoo._BACKBONES, "resnet18", resnet18)
+    path = tmp_path / "w.pth"
+    torch.save(small.state_dict(), path)
+    dkm_small(weights=path, backbone_weights="imagenet")
+    assert requested == [None]
+    with pytest.raises(RuntimeError, match="backbone_weights=<path>"):
+        zoo.make_backbone("resnet18", "imagenet")
+
+
+def test_no_hard_coded_cuda_in_package():
+    """Device-agnostic: tensors are created on the model's/input's device, never with .cuda()."""
+    import pathlib
+
+    import dkm
+
+    offenders = [str(p) for p in pathlib.Path(dkm.__file__).parent.rglob("*.py") if ".cuda(" in p.read_text()]
+    assert offenders == []
