@@ -66,16 +66,53 @@ def test_symmetric_forward_matches_release(model, ref):
     np.testing.assert_allclose(out["dense_certainty"].numpy(), ref["sym_cert_s1"], rtol=0, atol=LOGIT_TOL)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["faithful", "fast"])
 @pytest.mark.parametrize("cycle", [False, True], ids=["plain", "cycle_consistency"])
-def test_match_on_images_matches_release(model, ref, cycle):
+def test_match_on_images_matches_release(model, ref, cycle, fast):
     im1, im2 = Image.fromarray(ref["im1"]), Image.fromarray(ref["im2"])
     model.train(True)
-    warp, cert = model.match(im1, im2, check_cycle_consistency=cycle)
-    assert model.training, "match() must restore the train/eval state"
+    try:
+        warp, cert = model.match(im1, im2, check_cycle_consistency=cycle, fast=fast)
+        assert model.training, "match() must restore the train/eval state"
+    finally:
+        model.eval()
     prefix = "match_cc" if cycle else "match"
     assert warp.shape == (384, 512, 4) and cert.shape == (384, 512)
-    np.testing.assert_allclose(warp.numpy(), ref[f"{prefix}_warp"], rtol=0, atol=FLOW_TOL)
     np.testing.assert_allclose(cert.numpy(), ref[f"{prefix}_cert"], rtol=0, atol=CERT_TOL)
+    if not (fast and cycle):
+        np.testing.assert_allclose(warp.numpy(), ref[f"{prefix}_warp"], rtol=0, atol=FLOW_TOL)
+        return
+    # With cycle consistency the query half is the cycle-mapped point: stable_neighbours composes
+    # the two flows four times, which amplifies float32 rounding about tenfold at unstable pixels
+    # (with random weights: all of them). The fast path rounds differently (Cholesky GP solve, which
+    # is closer to float64 than the release's inverse: see the test below), so a fraction of a
+    # percent of those points move by up to ~5e-4; the support half and certainty stay in tolerance.
+    err = np.abs(warp.numpy() - ref[f"{prefix}_warp"]).max(-1)
+    assert (err <= FLOW_TOL).mean() >= 0.98, (err <= FLOW_TOL).mean()
+    assert err.max() <= 1e-3
+
+
+def test_fast_path_is_at_least_as_close_to_float64_as_the_release(model, ref):
+    batch = {"query": torch.from_numpy(ref["query"]), "support": torch.from_numpy(ref["support"])}
+    with torch.inference_mode():
+        pyr = model.encoder(torch.cat((batch["query"], batch["support"])))
+        out = model.decoder({s: f.chunk(2)[0] for s, f in pyr.items()}, {s: f.chunk(2)[1] for s, f in pyr.items()},
+                            fast=True)
+    for s in (32, 16, 8, 4, 2, 1):
+        fast_err = np.abs(out[s]["dense_flow"].numpy() - ref[f"f64ref_flow_s{s}"]).max()
+        release_err = np.abs(ref[f"flow_s{s}"] - ref[f"f64ref_flow_s{s}"]).max()
+        assert fast_err <= release_err * 1.05 + 1e-6, (s, fast_err, release_err)
+        np.testing.assert_allclose(out[s]["dense_certainty"].numpy(), ref[f"cert_s{s}"], rtol=0, atol=LOGIT_TOL)
+
+
+def test_reduced_precision_stays_within_half_a_pixel(model, ref):
+    im1, im2 = Image.fromarray(ref["im1"]), Image.fromarray(ref["im2"])
+    warp, cert = model.match(im1, im2, dtype=torch.bfloat16)
+    px = np.abs(warp.numpy()[..., 2:] - ref["match_warp"][..., 2:]) * np.array([256, 192])
+    assert np.quantile(px.max(-1), 0.99) < 0.5
+    assert np.abs(cert.numpy() - ref["match_cert"]).max() < 0.05
+    with pytest.raises(ValueError, match="fast path"):
+        model.match(im1, im2, dtype=torch.bfloat16, fast=False)
 
 
 def test_stable_neighbours_matches_release(model, ref):

@@ -12,6 +12,12 @@ from torch import nn
 from ..geometry.coords import normalized_grid
 
 
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``; a no-op for ``None``/float32/float64."""
+    enabled = dtype is not None and dtype not in (torch.float32, torch.float64)
+    return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)
+
+
 class RRB(nn.Module):
     """Residual refinement block: ``relu(conv1(x) + conv3(relu(bn(conv2(conv1(x))))))``."""
 
@@ -109,15 +115,32 @@ class ConvRefiner(nn.Module):
             nn.Conv2d(out_dim, out_dim, 1),
         )
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, flow: torch.Tensor):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, flow: torch.Tensor, fast: bool = False):
         """``x``, ``y`` (B, C, h, w) query/support features, ``flow`` (B, 2, h, w) normalized.
 
-        Returns ``certainty`` delta (B, 1, h, w) and ``displacement`` (B, 2, h, w).
+        Returns ``certainty`` delta (B, 1, h, w) and ``displacement`` (B, 2, h, w), in float32.
+        ``fast`` (inference only): BatchNorm folded into the depthwise convs, channels-last layout.
         """
         with torch.no_grad():  # gradients through grid_sample were unstable in the original work
-            y_warped = F.grid_sample(y, flow.permute(0, 2, 3, 1), mode="bilinear", align_corners=False)
-        d = self.out_conv(self.hidden_blocks(self.block1(torch.cat((x, y_warped), dim=1))))
+            y_warped = F.grid_sample(y.to(flow.dtype), flow.permute(0, 2, 3, 1), mode="bilinear", align_corners=False)
+        d = torch.cat((x.to(y_warped.dtype), y_warped), dim=1)
+        if fast and not self.training:
+            d = self._blocks_folded(d.contiguous(memory_format=torch.channels_last))
+        else:
+            d = self.hidden_blocks(self.block1(d))
+        d = self.out_conv(d).to(flow.dtype)
         return d[:, :-2], d[:, -2:]
+
+    def _blocks_folded(self, d: torch.Tensor) -> torch.Tensor:
+        """The blocks with eval-mode BatchNorm folded into the preceding conv (a few kB of weights
+        recomputed per call, so it always reflects the current parameters)."""
+        for conv, bn, _, pointwise in (self.block1, *self.hidden_blocks):
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+            bias = (conv.bias - bn.running_mean) * scale + bn.bias
+            d = F.conv2d(d, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            d = pointwise(torch.relu_(d))
+        return d
 
 
 class Decoder(nn.Module):
@@ -141,17 +164,23 @@ class Decoder(nn.Module):
         self.conv_refiner = conv_refiner
         self.detach = detach
 
-    def forward(self, f_q: dict, f_s: dict) -> dict:
+    def forward(self, f_q: dict, f_s: dict, fast: bool = False, refine_dtype: torch.dtype | None = None) -> dict:
         """Feature pyramids ``{stride: (B, C, H/stride, W/stride)}`` -> ``{stride: {"dense_flow":
         (B, 2, h, w), "dense_certainty": (B, 1, h, w)}}`` (flow in normalized support coordinates,
-        certainty as logits)."""
+        certainty as logits; float32 also under autocast).
+
+        ``fast``: the inference fast path of the GP and refiners (same function, different rounding).
+        ``refine_dtype``: run the refiners' convolutions under autocast in this dtype (bfloat16 or
+        float16); the GP, the embedding decoder and all flow arithmetic stay in float32.
+        """
         coarse = self.embedding_decoder.scales()
         sizes = {s: f_q[s].shape[-2:] for s in f_q}
         h, w = sizes[1]
         b = f_q[32].shape[0]
         ref = f_q[32]
+        dtype = torch.promote_types(ref.dtype, torch.float32)  # flow/certainty never in half precision
         state = ref.new_zeros(b, self.embedding_decoder.internal_dim, *sizes[32])
-        flow = normalized_grid(*sizes[32], device=ref.device, dtype=ref.dtype, batch=b).permute(0, 3, 1, 2)
+        flow = normalized_grid(*sizes[32], device=ref.device, dtype=dtype, batch=b).permute(0, 3, 1, 2)
         certainty = 0.0
         out = {}
         for s in self.SCALES:
@@ -161,10 +190,12 @@ class Decoder(nn.Module):
                 fq, fs = self.proj[k](fq), self.proj[k](fs)
             if s in coarse:
                 state = F.interpolate(state, size=sizes[s], mode="bilinear", align_corners=False)
-                gp_out = self.gps[k](fq, fs)
+                gp_out = self.gps[k](fq, fs, fast=fast)
                 flow, certainty, state = self.embedding_decoder(gp_out, fq, state, s)
+                flow, certainty = flow.to(dtype), certainty.to(dtype)
             if k in self.conv_refiner:
-                delta_c, disp = self.conv_refiner[k](fq, fs, flow)
+                with _autocast(fq.device, refine_dtype):
+                    delta_c, disp = self.conv_refiner[k](fq, fs, flow, fast=fast)
                 flow = torch.stack(
                     (flow[:, 0] + s * disp[:, 0] / (4 * w), flow[:, 1] + s * disp[:, 1] / (4 * h)), dim=1
                 )
@@ -179,7 +210,8 @@ class Decoder(nn.Module):
         return out
 
     def upsample_preds(self, flow: torch.Tensor, certainty: torch.Tensor, query: torch.Tensor,
-                       support: torch.Tensor, iterations: int = 3):
+                       support: torch.Tensor, iterations: int = 3, fast: bool = False,
+                       refine_dtype: torch.dtype | None = None):
         """Refine a prediction at the images' full resolution with the stride-1 refiner.
 
         ``flow`` (B, h, w, 2), ``certainty`` (B, 1, h, w) logits, ``query``/``support`` (B, 3, H, W)
@@ -189,7 +221,8 @@ class Decoder(nn.Module):
         flow = F.interpolate(flow.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=False)
         certainty = F.interpolate(certainty, size=(H, W), mode="bilinear", align_corners=False)
         for _ in range(iterations):
-            delta_c, disp = self.conv_refiner["1"](query, support, flow)
+            with _autocast(query.device, refine_dtype):
+                delta_c, disp = self.conv_refiner["1"](query, support, flow, fast=fast)
             disp = delta_c.sigmoid() * disp
             flow = torch.stack((flow[:, 0] + disp[:, 0] / (4 * W), flow[:, 1] + disp[:, 1] / (4 * H)), dim=1)
             certainty = certainty + delta_c

@@ -39,17 +39,17 @@ class GP(nn.Module):
         T: kernel temperature.
         gp_dim: dimension of the Fourier embedding (output channels).
         sigma_noise: noise added to the diagonal of ``K_yy``.
-        solver: ``"inverse"`` (explicit inverse, exactly as the release) or ``"cholesky"``
-            (Cholesky solve: faster and better conditioned). Both invert one matrix at a time: batched
-            CPU inverses are unreliable on some torch builds (pytorch#142815).
+
+    The faithful path inverts ``K_yy + sigma^2 I`` explicitly (as the release); the fast path solves
+    by Cholesky. Both work one matrix at a time (batched CPU inverses are unreliable on some torch
+    builds, pytorch#142815) and always in float32, also under autocast.
     """
 
-    def __init__(self, T: float = 0.2, gp_dim: int = 256, sigma_noise: float = 0.1, solver: str = "inverse"):
+    def __init__(self, T: float = 0.2, gp_dim: int = 256, sigma_noise: float = 0.1):
         super().__init__()
         self.K = CosKernel(T)
         self.sigma_noise = sigma_noise
         self.pos_conv = nn.Conv2d(2, gp_dim, 1, 1)
-        self.solver = solver
 
     def basis(self, h: int, w: int, b: int, like: torch.Tensor) -> torch.Tensor:
         """Fourier embedding of the normalized pixel-centre grid: (B, gp_dim, h, w)."""
@@ -65,10 +65,15 @@ class GP(nn.Module):
             return torch.cholesky_solve(rhs, L)
         return torch.linalg.solve(A, rhs)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, y: torch.Tensor, fast: bool = False) -> torch.Tensor:
         """Query features ``x`` and support features ``y`` (B, C, h, w) -> GP mean (B, gp_dim, h, w)."""
         if x.shape != y.shape:
             raise ValueError(f"GP expects query and support features of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.promote_types(x.dtype, torch.float32)  # float32 (or float64), never half
+            return self._mean(x.to(dtype), y.to(dtype), fast)
+
+    def _mean(self, x: torch.Tensor, y: torch.Tensor, fast: bool) -> torch.Tensor:
         b, _, h, w = y.shape
         f = self.basis(h, w, b, y).flatten(2).transpose(1, 2)  # (B, hw, D)
         x = x.flatten(2).transpose(1, 2)
@@ -77,7 +82,7 @@ class GP(nn.Module):
         K_xy = self.K(x, y)
         eye = torch.eye(h * w, device=x.device, dtype=x.dtype)
         A = K_yy + self.sigma_noise * eye
-        if self.solver == "cholesky":
+        if fast:
             alpha = torch.stack([self._cholesky_solve(A[i], f[i]) for i in range(b)])
         else:  # as the release: explicit inverse (one matrix at a time), then batched products
             alpha = torch.stack([torch.linalg.inv(A[i]) for i in range(b)]).matmul(f)

@@ -17,14 +17,23 @@ class RegressionMatcher(nn.Module):
         encoder: :class:`~dkm.models.encoder.Encoder`.
         decoder: :class:`~dkm.models.decoder.Decoder`.
         h, w: internal resolution at which :meth:`match` runs the network.
+        fast: default inference path of :meth:`match`: ``True`` = fast (BatchNorm folded into the
+            refiner convs, channels-last refiners, Cholesky GP solve, ``inference_mode``, one decoder
+            pass per pair and direction on CPU); ``False`` = faithful to the release, operation for
+            operation. Training (``forward`` in train mode) is the same either way.
+        inference_batch_size: pairs per network pass in the fast path; ``None`` = 1 on CPU (large
+            batches fall out of cache there) and the whole batch on accelerators.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, h: int = 384, w: int = 512):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, h: int = 384, w: int = 512,
+                 fast: bool = True, inference_batch_size: int | None = None):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.h_resized = h
         self.w_resized = w
+        self.fast = fast
+        self.inference_batch_size = inference_batch_size
 
     # ------------------------------------------------------------------ network
     @property
@@ -90,9 +99,40 @@ class RegressionMatcher(nn.Module):
         full = lambda: (pil_to_tensor(p1)[None].to(self.device), pil_to_tensor(p2)[None].to(self.device))  # noqa: E731
         return query, support, full, False
 
+    def _dense_fast(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None):
+        """Fast path of the finest-scale prediction: ``(q2s (B, 2, h, w), certainty logits
+        (B, 1, h, w), s2q (B, 2, h, w) or None)``. Pairs go through in micro-batches, one encoder
+        pass per micro-batch and one decoder pass per direction (a batch-2 symmetric pass is several
+        times slower on CPU). The encoder stays in float32 even when ``dtype`` is reduced: its
+        stride-16/32 features feed the GP, whose exponential kernel amplifies rounding errors."""
+        b = query.shape[0]
+        step = self.inference_batch_size or (1 if query.device.type == "cpu" else b)
+        outs = []
+        for i in range(0, b, step):
+            pyramid = self.encoder(torch.cat((query[i:i + step], support[i:i + step])))
+            f_q = {s: f.chunk(2)[0] for s, f in pyramid.items()}
+            f_s = {s: f.chunk(2)[1] for s, f in pyramid.items()}
+            fwd = self.decoder(f_q, f_s, fast=True, refine_dtype=dtype)[1]
+            bwd = self.decoder(f_s, f_q, fast=True, refine_dtype=dtype)[1]["dense_flow"] if cycle else None
+            outs.append((fwd["dense_flow"], fwd["dense_certainty"], bwd))
+        q2s = torch.cat([o[0] for o in outs])
+        cert = torch.cat([o[1] for o in outs])
+        s2q = torch.cat([o[2] for o in outs]) if cycle else None
+        return q2s, cert, s2q
+
+    def _dense_faithful(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None):
+        """The release's path: one batched (symmetric, if ``cycle``) forward pass."""
+        batch = {"query": query, "support": support}
+        if cycle:
+            out = self.forward_symmetric(batch)[1]
+            q2s, s2q = out["dense_flow"].chunk(2)
+            return q2s, out["dense_certainty"].chunk(2)[0], s2q
+        out = self.forward(batch)[1]
+        return out["dense_flow"], out["dense_certainty"], None
+
     @torch.no_grad()
     def match(self, im1, im2, *args, check_cycle_consistency: bool = False, do_pred_in_og_res: bool = False,
-              batched: bool | None = None):
+              batched: bool | None = None, fast: bool | None = None, dtype: torch.dtype | None = None):
         """Dense matches from ``im1`` (query) to ``im2`` (support).
 
         Args:
@@ -102,6 +142,10 @@ class RegressionMatcher(nn.Module):
                 pixels (others get ``1e-3 * certainty``); the query points become the cycle-mapped ones.
             do_pred_in_og_res: refine the prediction at the resolution of ``im1`` (stride-1 refiner).
             batched: accepted for compatibility with the original API; inferred from the input.
+            fast: override the model's default inference path (see the class docstring).
+            dtype: compute dtype of the refiners (most of the FLOPs): ``torch.float32`` (default),
+                ``torch.bfloat16`` (CPU/CUDA) or ``torch.float16`` (CUDA), via autocast; the encoder,
+                the GP solve and all coordinate arithmetic stay in float32. Fast path only.
 
         Returns:
             ``dense_matches`` (H, W, 4) = ``[x_q, y_q, x_s, y_s]`` in normalized coordinates and
@@ -114,25 +158,25 @@ class RegressionMatcher(nn.Module):
             batched = opts.get("batched", batched)
             check_cycle_consistency = opts.get("check_cycle_consistency", check_cycle_consistency)
             do_pred_in_og_res = opts.get("do_pred_in_og_res", do_pred_in_og_res)
+        fast = self.fast if fast is None else fast
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype != torch.float32 and not fast:
+            raise ValueError(f"dtype={dtype} needs the fast path (fast=True); the faithful path is float32")
         was_training = self.training
         self.train(False)
         try:
             query, support, full, is_batched = self._prepare(im1, im2)
-            batch = {"query": query, "support": support}
             b = query.shape[0]
-            if check_cycle_consistency:
-                out = self.forward_symmetric(batch)[1]
-                q2s, s2q = out["dense_flow"].chunk(2)
-                certainty = out["dense_certainty"].chunk(2)[0]
-            else:
-                out = self.forward(batch)[1]
-                q2s, certainty = out["dense_flow"], out["dense_certainty"]
-            q2s = q2s.permute(0, 2, 3, 1)
-            hs, ws = query.shape[-2:]
-            if do_pred_in_og_res:
-                og_q, og_s = full()
-                q2s, certainty = self.decoder.upsample_preds(q2s, certainty, og_q, og_s)
-                hs, ws = og_q.shape[-2:]
+            with torch.inference_mode(fast):
+                dense = self._dense_fast if fast else self._dense_faithful
+                q2s, certainty, s2q = dense(query, support, check_cycle_consistency, dtype)
+                q2s = q2s.permute(0, 2, 3, 1)
+                hs, ws = query.shape[-2:]
+                if do_pred_in_og_res:
+                    og_q, og_s = full()
+                    q2s, certainty = self.decoder.upsample_preds(q2s, certainty, og_q, og_s, fast=fast,
+                                                                 refine_dtype=dtype)
+                    hs, ws = og_q.shape[-2:]
             query_coords = normalized_grid(hs, ws, device=q2s.device, dtype=q2s.dtype, batch=b).permute(0, 3, 1, 2)
             certainty = certainty.sigmoid()
             if check_cycle_consistency:

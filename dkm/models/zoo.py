@@ -57,9 +57,10 @@ def build_dkm(
     refiner_blocks: int = 8,
     kernel_size: int = 5,
     kernel_temperature: float = 0.2,
-    gp_solver: str = "inverse",
     h: int = 384,
     w: int = 512,
+    fast: bool = True,
+    inference_batch_size: int | None = None,
 ) -> RegressionMatcher:
     """Build a DKM :class:`RegressionMatcher`. Defaults are the v11 ``dkm_base`` architecture.
 
@@ -75,7 +76,7 @@ def build_dkm(
     in_ch = {s: (proj_dim if s in coarse else ch[s]) for s in ch}
     decoder = Decoder(
         EmbeddingDecoder(coarse, feat_in=proj_dim, gp_dim=gp_dim, feat_dim=feat_dim, internal_dim=dfn_dim),
-        gps=nn.ModuleDict({str(s): GP(kernel_temperature, gp_dim=gp_dim, solver=gp_solver) for s in coarse}),
+        gps=nn.ModuleDict({str(s): GP(kernel_temperature, gp_dim=gp_dim) for s in coarse}),
         proj=proj,
         conv_refiner=nn.ModuleDict(
             {
@@ -86,7 +87,8 @@ def build_dkm(
         ),
         detach=True,
     )
-    return RegressionMatcher(Encoder(make_backbone(backbone, backbone_weights)), decoder, h=h, w=w)
+    return RegressionMatcher(Encoder(make_backbone(backbone, backbone_weights)), decoder, h=h, w=w, fast=fast,
+                             inference_batch_size=inference_batch_size)
 
 
 #: Architectures by name: keyword arguments of :func:`build_dkm`.
@@ -104,10 +106,17 @@ def _read_state_dict(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: the weights are read once, straight into the model (no second copy)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
+        obj = None
     except Exception as e:
         raise ValueError(f"{path} could not be read as a torch checkpoint ({e})") from e
+    if obj is None:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path} could not be read as a torch checkpoint ({e})") from e
     return _unwrap(obj, str(path))
 
 
@@ -142,15 +151,20 @@ def check_state_dict(model: nn.Module, state_dict: Mapping, name: str = "checkpo
         raise ValueError(f"{name} does not fit this model ({type(model).__name__}): " + "; ".join(parts))
 
 
-def load_weights(model: nn.Module, weights) -> nn.Module:
+def load_weights(model: nn.Module, weights, assign: bool = False) -> nn.Module:
     """Load a checkpoint strictly into ``model``: a path to an upstream ``.pth`` state_dict or to a
-    Lightning ``.ckpt`` of this project, or an in-memory state_dict."""
+    Lightning ``.ckpt`` of this project, or an in-memory state_dict. ``assign=True`` adopts the
+    checkpoint's tensors instead of copying (for models built on the ``meta`` device)."""
     if isinstance(weights, (str, PathLike)):
         name, sd = str(weights), _read_state_dict(weights)
     else:
         name, sd = "state_dict", _unwrap(weights, "state_dict")
     check_state_dict(model, sd, name)
-    model.load_state_dict(sd, strict=True)
+    if assign:  # contiguous float32 copies only where needed (e.g. a checkpoint saved in half precision)
+        ref = model.state_dict()
+        sd = {k: v if v.dtype == ref[k].dtype and v.is_contiguous() else v.to(ref[k].dtype).contiguous()
+              for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=assign)
     return model
 
 
@@ -173,18 +187,20 @@ def download_weights(arch: str, version: str) -> dict:
 
 def _make(arch: str, *, pretrained: bool, version: str, weights, backbone_weights, device, **overrides):
     kwargs = {**ARCHITECTURES[arch], **overrides}
-    loads_matcher = weights is not None or pretrained
-    model = build_dkm(backbone_weights=None if loads_matcher else backbone_weights, **kwargs)
-    if weights is not None:
-        load_weights(model, weights)
-    elif pretrained:
-        load_weights(model, download_weights(arch, version))
+    if weights is None and pretrained:
+        weights = download_weights(arch, version)
+    if weights is None:
+        model = build_dkm(backbone_weights=backbone_weights, **kwargs)
+    else:  # build without allocating or initialising, then adopt the checkpoint's tensors
+        with torch.device("meta"):
+            model = build_dkm(backbone_weights=None, **kwargs)
+        load_weights(model, weights, assign=True)
     model.eval()
     return model.to(device) if device is not None else model
 
 
 def dkm_base(pretrained: bool = True, version: str = "v11", *, weights=None, h: int = 384, w: int = 512,
-             backbone_weights="imagenet", device=None, **overrides) -> RegressionMatcher:
+             fast: bool = True, backbone_weights="imagenet", device=None, **overrides) -> RegressionMatcher:
     """DKM v11 ``dkm_base``.
 
     Args:
@@ -192,19 +208,20 @@ def dkm_base(pretrained: bool = True, version: str = "v11", *, weights=None, h: 
         version: checkpoint version (``"v11"``).
         weights: local checkpoint path (or state_dict); takes precedence over ``pretrained``.
         h, w: internal resolution of :meth:`~RegressionMatcher.match`.
+        fast: default inference path of ``match()`` (``False``: faithful to the release).
         backbone_weights: backbone init when no matcher weights are loaded: ``"imagenet"`` (as the
             release), a path to a ResNet-50 state_dict, or ``None`` (random).
         device: where to put the model (default: stays on CPU; move it with ``.to()``).
     """
     return _make("dkm_base", pretrained=pretrained, version=version, weights=weights,
-                 backbone_weights=backbone_weights, device=device, h=h, w=w, **overrides)
+                 backbone_weights=backbone_weights, device=device, h=h, w=w, fast=fast, **overrides)
 
 
-def dkm_small(*, weights=None, h: int = 192, w: int = 256, backbone_weights=None, device=None,
-              **overrides) -> RegressionMatcher:
+def dkm_small(*, weights=None, h: int = 192, w: int = 256, fast: bool = True, backbone_weights=None,
+              device=None, **overrides) -> RegressionMatcher:
     """A small DKM (ResNet-18, narrow decoder) for CPU experiments; no official weights."""
     return _make("dkm_small", pretrained=False, version="", weights=weights,
-                 backbone_weights=backbone_weights, device=device, h=h, w=w, **overrides)
+                 backbone_weights=backbone_weights, device=device, h=h, w=w, fast=fast, **overrides)
 
 
 def build_model(cfg: Mapping) -> nn.Module:
@@ -220,10 +237,7 @@ def build_model(cfg: Mapping) -> nn.Module:
         return SiftMatcher(**cfg)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model arch {arch!r}; expected one of {sorted(ARCHITECTURES) + ['sift']}")
-    fast = bool(cfg.pop("fast", False))
     version = cfg.pop("version", "v11")
-    if fast:
-        cfg.setdefault("gp_solver", "cholesky")
     model = _make(arch, pretrained=bool(cfg.pop("pretrained", False)), version=version,
                   weights=cfg.pop("weights", None), backbone_weights=cfg.pop("backbone_weights", None),
                   device=None, **cfg)

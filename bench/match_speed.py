@@ -1,0 +1,182 @@
+"""Speed and memory of ``match()``: faithful path vs fast path, measured side by side in one run.
+
+Each variant runs in a fresh subprocess (so peak resident memory is that of a process doing the
+match), with the same synthetic weights (the parity-fixture recipe; the official weights are not
+needed to measure speed), the same image pair and the same thread count. Prints median wall times,
+peak memory, the ratios fast/faithful and the largest deviation of each fast variant from the
+faithful output.
+
+    python bench/match_speed.py                    # CPU, 2 threads, dkm_base at 384x512
+    python bench/match_speed.py --repeats 5 --batches 1 2 4
+    python bench/match_speed.py --device cuda      # float16 instead of bfloat16 for the reduced variant
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("match_speed")
+
+VARIANTS = {
+    # name: (fast, cycle, reduced precision)
+    "faithful": (False, False, False),
+    "faithful_cc": (False, True, False),
+    "fast": (True, False, False),
+    "fast_cc": (True, True, False),
+    "fast_lowp": (True, False, True),
+    "fast_lowp_cc": (True, True, True),
+}
+
+
+def make_pair(h: int = 512, w: int = 512):
+    """The parity-fixture pair: scikit-image's astronaut and a homography warp of it."""
+    import cv2
+    from skimage import data
+
+    im1 = data.astronaut()
+    H = np.array([[0.9, 0.05, 30.0], [-0.04, 0.95, 20.0], [1e-4, -5e-5, 1.0]])
+    im2 = cv2.warpPerspective(im1, H, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return im1, im2
+
+
+def rss_mib() -> float:
+    """Peak resident memory of this process so far (VmHWM; unlike ``ru_maxrss`` it does not inherit
+    the parent's peak across fork/exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # macOS: bytes, Linux: KiB
+
+
+def worker(args) -> None:
+    import_rss_before = rss_mib()
+    import torch
+    from PIL import Image
+
+    import dkm
+
+    torch.set_num_threads(args.threads)
+    import_rss = rss_mib()
+    fast, cycle, lowp = VARIANTS[args.variant]
+    dtype = None
+    if lowp:
+        dtype = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
+    model = dkm.build_model({"arch": args.arch, "weights": args.weights, "fast": fast, "h": args.h, "w": args.w})
+    model = model.to(args.device)
+    im1, im2 = (Image.fromarray(a) for a in make_pair())
+
+    def run(batch: int):
+        if batch == 1:
+            out = model.match(im1, im2, check_cycle_consistency=cycle, dtype=dtype)
+        else:
+            t1 = torch.from_numpy(np.asarray(im1).copy()).permute(2, 0, 1).float().div(255)
+            t2 = torch.from_numpy(np.asarray(im2).copy()).permute(2, 0, 1).float().div(255)
+            out = model.match(t1.expand(batch, -1, -1, -1), t2.expand(batch, -1, -1, -1),
+                              check_cycle_consistency=cycle, dtype=dtype)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    t0 = time.perf_counter()
+    warp, cert = run(1)
+    first = time.perf_counter() - t0
+    peak_one_match = rss_mib()
+    times = {}
+    for b in args.batches:
+        ts = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            run(b)
+            ts.append(time.perf_counter() - t0)
+        times[b] = statistics.median(ts)
+    np.savez(args.out, warp=warp.float().cpu().numpy(), cert=cert.float().cpu().numpy())
+    print(json.dumps({
+        "variant": args.variant, "first": first, "median": times, "peak_rss_mib": peak_one_match,
+        "rss_before_torch_mib": import_rss_before, "rss_after_import_mib": import_rss,
+    }))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="dkm_base")
+    p.add_argument("--h", type=int, default=384)
+    p.add_argument("--w", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        return worker(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import torch
+
+    import dkm
+    from dkm.utils.synthetic_weights import synthetic_state_dict
+
+    results, outputs = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "synthetic.pth"
+        shapes = dkm.build_model({"arch": args.arch, "h": args.h, "w": args.w}).state_dict()
+        torch.save(synthetic_state_dict(shapes, seed=0), weights)
+        for v in args.variants:
+            out = Path(tmp) / f"{v}.npz"
+            cmd = [sys.executable, __file__, "--variant", v, "--weights", str(weights), "--out", str(out),
+                   "--arch", args.arch, "--h", str(args.h), "--w", str(args.w), "--device", args.device,
+                   "--threads", str(args.threads), "--repeats", str(args.repeats),
+                   "--batches", *map(str, args.batches)]
+            log.info("running %s ...", v)
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"variant {v} failed:\n{res.stderr}")
+            results[v] = json.loads(res.stdout.strip().splitlines()[-1])
+            outputs[v] = dict(np.load(out))
+
+    print(f"\nmatch() on {args.arch} at {args.h}x{args.w}, {args.device}, {args.threads} threads, "
+          f"median of {args.repeats} (pair: astronaut + homography, synthetic weights)")
+    print(f"{'variant':<14} {'s/match':>8} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
+          f"{'max dflow px':>12} {'p99 dflow px':>12} {'max dcert':>9}")
+    for v, r in results.items():
+        base = "faithful_cc" if v.endswith("_cc") else "faithful"
+        t = r["median"]["1"]
+        line = f"{v:<14} {t:8.3f}"
+        if base in results:
+            tb, mb = results[base]["median"]["1"], results[base]["peak_rss_mib"]
+            line += f" {tb / t:10.2f}x {r['peak_rss_mib']:9.0f} {r['peak_rss_mib'] / mb:10.2f}x"
+            d = np.abs(outputs[v]["warp"][..., 2:] - outputs[base]["warp"][..., 2:]) * np.array([args.w / 2, args.h / 2])
+            dflow = d.max(-1)
+            dcert = np.abs(outputs[v]["cert"] - outputs[base]["cert"]).max()
+            line += f" {dflow.max():12.4f} {np.quantile(dflow, 0.99):12.4f} {dcert:9.2e}"
+        else:
+            line += f" {'':>11} {r['peak_rss_mib']:9.0f}"
+        print(line)
+    if len(args.batches) > 1:
+        print("\nseconds per pair by batch size B (match() on a batch of B pairs, divided by B):")
+        print(f"{'variant':<14} " + " ".join(f"{'B=' + str(b):>8}" for b in args.batches))
+        for v, r in results.items():
+            print(f"{v:<14} " + " ".join(f"{r['median'][str(b)] / b:8.3f}" for b in args.batches))
+    imp = next(iter(results.values()))["rss_after_import_mib"]
+    print(f"\n(peak MiB: max resident set of a process that imports dkm, loads the weights and runs one "
+          f"match; importing torch+dkm alone: {imp:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
