@@ -1,0 +1,3 @@
+from .dkm_loss import DKMLoss
+
+__all__ = ["DKMLoss"]
