@@ -34,6 +34,7 @@ class RegressionMatcher(nn.Module):
         self.w_resized = w
         self.fast = fast
         self.inference_batch_size = inference_batch_size
+        self.inference_dtype: torch.dtype | None = None  # default ``dtype`` of match()
 
     # ------------------------------------------------------------------ network
     @property
@@ -159,7 +160,7 @@ class RegressionMatcher(nn.Module):
             check_cycle_consistency = opts.get("check_cycle_consistency", check_cycle_consistency)
             do_pred_in_og_res = opts.get("do_pred_in_og_res", do_pred_in_og_res)
         fast = self.fast if fast is None else fast
-        dtype = torch.float32 if dtype is None else dtype
+        dtype = dtype or self.inference_dtype or torch.float32
         if dtype != torch.float32 and not fast:
             raise ValueError(f"dtype={dtype} needs the fast path (fast=True); the faithful path is float32")
         was_training = self.training

@@ -1,0 +1,17 @@
+"""Benchmarks: one code path (pairs -> records -> metrics) used by evaluate.py, Python and callbacks."""
+from .base import PairBenchmark, dedup_records
+from .hpatches import HpatchesHomogBenchmark
+from .megadepth1500 import Megadepth1500Benchmark
+from .relative_pose import RelativePoseBenchmark
+from .scannet import ScanNetBenchmark
+from .yfcc import Yfcc100mBenchmark
+
+BENCHMARKS = {
+    "hpatches": HpatchesHomogBenchmark,
+    "scannet": ScanNetBenchmark,
+    "yfcc": Yfcc100mBenchmark,
+    "megadepth1500": Megadepth1500Benchmark,
+}
+
+__all__ = ["BENCHMARKS", "HpatchesHomogBenchmark", "Megadepth1500Benchmark", "PairBenchmark",
+           "RelativePoseBenchmark", "ScanNetBenchmark", "Yfcc100mBenchmark", "dedup_records"]

@@ -1,0 +1,154 @@
+"""One code path for every benchmark: pairs -> per-pair records -> metrics.
+
+``evaluate_pairs(model, indices)`` evaluates any subset of pair indices into records (one dict per
+pair, with ``pair_index``, ``pair_id``, ``failed``, ``reason``, ``seconds`` and the protocol's
+errors); ``compute_metrics(records)`` reduces any list of records. ``evaluate.py``, the Python API
+(``benchmark(model)``) and the distributed validation callbacks all go through these two, so a
+pair evaluated on any rank gives the same record: its randomness (match sampling, RANSAC) is seeded
+by ``(seed, pair_index)``, never by the order of evaluation.
+
+A pair that fails (unreadable image, too few matches, estimator failure, any exception) is
+recorded with ``failed=True`` and a reason, and scored as the protocol scores a failure.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..geometry.coords import normalized_to_pixel
+
+log = logging.getLogger(__name__)
+
+
+class PairBenchmark(ABC):
+    """Base class: subclasses list their pairs and evaluate one pair.
+
+    Args:
+        data_root: root of the dataset in its public on-disk layout.
+        seed: base seed; pair ``i`` uses ``(seed, i)``.
+        num_samples: sparse matches sampled from the dense prediction.
+        cycle_consistency: ``match(..., check_cycle_consistency=...)``.
+        center: pixel coordinate of pixel 0's centre used when converting matches to pixels
+            (see :mod:`dkm.geometry.coords`); protocols differ.
+        limit: evaluate only the first ``limit`` pairs (quick checks).
+    """
+
+    name = "benchmark"
+
+    def __init__(self, data_root, *, seed: int = 0, num_samples: int = 10000, cycle_consistency: bool = False,
+                 center: float = 0.5, limit: int | None = None, check: bool = True):
+        self.data_root = Path(data_root)
+        self.seed = int(seed)
+        self.num_samples = int(num_samples)
+        self.cycle_consistency = bool(cycle_consistency)
+        self.center = float(center)
+        if check:
+            self.check()
+        self._pairs = self.list_pairs()
+        if limit is not None:
+            self._pairs = self._pairs[: int(limit)]
+        self.last_records: list[dict] = []
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def required_paths(self) -> list[Path]:
+        """Files/folders that must exist before any pair is read."""
+
+    @abstractmethod
+    def list_pairs(self) -> list:
+        """Pair descriptors (anything picklable), in the protocol's order."""
+
+    @abstractmethod
+    def evaluate_pair(self, model, pair, ctx: dict) -> dict:
+        """Evaluate one pair; may raise. ``ctx`` holds ``generator`` (torch) and ``rng`` (numpy)."""
+
+    @abstractmethod
+    def failure_record(self, pair) -> dict:
+        """The protocol's score for a pair that failed."""
+
+    @abstractmethod
+    def compute_metrics(self, records: list[dict]) -> dict:
+        """Reduce records (one per pair) to metrics."""
+
+    def pair_id(self, pair) -> str:
+        return str(pair)
+
+    # ------------------------------------------------------------------ shared machinery
+    def check(self) -> None:
+        missing = [str(p) for p in self.required_paths() if not Path(p).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.name}: dataset root {self.data_root} is incomplete; missing:\n  " + "\n  ".join(missing)
+                + "\nSee datasets/README.md for the expected layout and download scripts."
+            )
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def pairs(self) -> list:
+        return list(self._pairs)
+
+    def sparse_matches(self, model, im1, im2, ctx: dict) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, 4)`` normalized matches and ``(N,)`` certainties from a dense matcher
+        (``match`` + ``sample``) or a sparse one (``match_sparse``)."""
+        if hasattr(model, "match_sparse"):
+            m, c = model.match_sparse(im1, im2)
+        else:
+            dense, cert = model.match(im1, im2, check_cycle_consistency=self.cycle_consistency)
+            m, c = model.sample(dense, cert, self.num_samples, generator=ctx["generator"])
+        m = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
+        c = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else np.asarray(c)
+        return m.astype(np.float64), c
+
+    def to_pixels(self, matches: np.ndarray, hw1, hw2, center: float | None = None):
+        """Normalized ``(N, 4)`` matches -> pixel keypoints in each image."""
+        c = self.center if center is None else center
+        return (normalized_to_pixel(matches[:, :2], hw1[0], hw1[1], c),
+                normalized_to_pixel(matches[:, 2:], hw2[0], hw2[1], c))
+
+    def evaluate_pairs(self, model, indices=None, progress: bool = True) -> list[dict]:
+        """Records for the given pair indices (default: all), each seeded by its index."""
+        indices = range(len(self._pairs)) if indices is None else list(indices)
+        records = []
+        for i in tqdm(indices, desc=self.name, disable=not progress, leave=False):
+            pair = self._pairs[i]
+            ctx = {"generator": torch.Generator().manual_seed(self.seed * 1_000_003 + i),
+                   "rng": np.random.default_rng([self.seed, i])}
+            cv2.setRNGSeed(self.seed * 1_000_003 + i)
+            t0 = time.perf_counter()
+            try:
+                rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, ctx)
+            except Exception as e:  # recorded and scored, never fatal
+                log.warning("%s: pair %d (%s) failed: %s", self.name, i, self.pair_id(pair), e)
+                log.debug("%s", traceback.format_exc())
+                rec = self.failure_record(pair) | {"failed": True, "reason": f"{type(e).__name__}: {e}"}
+            rec = {"pair_index": i, "pair_id": self.pair_id(pair)} | rec
+            rec["seconds"] = time.perf_counter() - t0
+            records.append(rec)
+        return records
+
+    def run(self, model, indices=None, progress: bool = True) -> tuple[dict, list[dict]]:
+        """Evaluate and reduce: ``(metrics, records)``."""
+        records = self.evaluate_pairs(model, indices, progress)
+        self.last_records = records
+        return self.compute_metrics(records), records
+
+    def benchmark(self, model) -> dict:
+        """All pairs -> metrics (the original Python entry point)."""
+        return self.run(model)[0]
+
+
+def dedup_records(records: list[dict]) -> list[dict]:
+    """One record per ``pair_index`` (first kept), sorted."""
+    seen: dict = {}
+    for r in records:
+        seen.setdefault(r["pair_index"], r)
+    return [seen[k] for k in sorted(seen)]

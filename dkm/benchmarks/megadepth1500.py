@@ -1,0 +1,45 @@
+"""MegaDepth-1500 (LoFTR's test split; the later DKM protocol)."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from ..geometry.pose import relative_pose
+from .relative_pose import RelativePoseBenchmark
+
+SCENE_INFOS = ("0015_0.1_0.3.npz", "0015_0.3_0.5.npz", "0022_0.1_0.3.npz", "0022_0.3_0.5.npz", "0022_0.5_0.7.npz")
+
+
+class Megadepth1500Benchmark(RelativePoseBenchmark):
+    """``<root>/<scene_info>.npz`` (LoFTR format: ``pair_infos`` entries ``((i, j), overlap, ...)``,
+    ``intrinsics`` (N, 3, 3), ``poses`` (N, 4, 4) world-to-camera, ``image_paths`` relative to the
+    root, e.g. ``Undistorted_SfM/0015/images/<name>.jpg``)."""
+
+    name = "megadepth1500"
+
+    def __init__(self, data_root, *, scene_names=SCENE_INFOS, **kw):
+        self.scene_names = list(scene_names)
+        super().__init__(data_root, **kw)
+
+    def required_paths(self):
+        return [self.data_root / s for s in self.scene_names]
+
+    def list_pairs(self):
+        pairs = []
+        for name in self.scene_names:
+            with np.load(self.data_root / name, allow_pickle=True) as z:
+                infos, K, T, paths = z["pair_infos"], z["intrinsics"], z["poses"], z["image_paths"]
+                for info in infos:
+                    i, j = (int(v) for v in info[0])
+                    pairs.append({"scene": name.removesuffix(".npz"), "im1": str(paths[i]), "im2": str(paths[j]),
+                                  "K1": np.asarray(K[i], np.float64), "K2": np.asarray(K[j], np.float64),
+                                  "T1": np.asarray(T[i], np.float64), "T2": np.asarray(T[j], np.float64)})
+        return pairs
+
+    def pair_id(self, pair) -> str:
+        return f"{pair['scene']}/{pair['im1'].rsplit('/', 1)[-1]}-{pair['im2'].rsplit('/', 1)[-1]}"
+
+    def load_pair(self, pair):
+        R, t = relative_pose(pair["T1"][:3, :3], pair["T1"][:3, 3], pair["T2"][:3, :3], pair["T2"][:3, 3])
+        return {"im1": Image.open(self.data_root / pair["im1"]), "im2": Image.open(self.data_root / pair["im2"]),
+                "K1": pair["K1"], "K2": pair["K2"], "R": R, "t": t}

@@ -1,0 +1,66 @@
+"""A classical baseline with the matcher interface the benchmarks accept: OpenCV SIFT with Lowe's
+ratio test and (optionally) mutual nearest neighbours. Lets a user validate a dataset tree and the
+benchmark protocols without GPUs or weights."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ..geometry.coords import DEFAULT_CENTER, normalized_to_pixel, pixel_to_normalized
+from ..utils.image import load_image
+
+
+class SiftMatcher:
+    """Sparse matcher: ``match_sparse(im1, im2) -> (matches (N, 4) normalized, scores (N,))``.
+
+    Args:
+        num_features: SIFT keypoints per image (0 = all).
+        ratio: Lowe's ratio-test threshold.
+        mutual: keep only mutual nearest neighbours.
+        max_size: images larger than this (longest side) are downscaled for detection.
+    """
+
+    def __init__(self, num_features: int = 8000, ratio: float = 0.8, mutual: bool = True, max_size: int | None = 1600,
+                 h: int | None = None, w: int | None = None):
+        self.num_features, self.ratio, self.mutual, self.max_size = num_features, ratio, mutual, max_size
+        self.sift = cv2.SIFT_create(nfeatures=num_features)
+
+    def _detect(self, im):
+        gray = np.asarray(load_image(im).convert("L"))
+        h, w = gray.shape
+        s = 1.0
+        if self.max_size and max(h, w) > self.max_size:
+            s = self.max_size / max(h, w)
+            gray = cv2.resize(gray, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+        kps, desc = self.sift.detectAndCompute(gray, None)
+        pts = np.array([k.pt for k in kps], dtype=np.float64).reshape(-1, 2)
+        # OpenCV puts pixel centres on integers; map back to full-resolution pixels
+        pts = (pts + 0.5) / s - 0.5
+        return pts, desc, (h, w)
+
+    def match_sparse(self, im1, im2):
+        p1, d1, (h1, w1) = self._detect(im1)
+        p2, d2, (h2, w2) = self._detect(im2)
+        if d1 is None or d2 is None or len(d1) < 2 or len(d2) < 2:
+            return np.zeros((0, 4)), np.zeros(0)
+        bf = cv2.BFMatcher(cv2.NORM_L2)
+        knn = bf.knnMatch(d1, d2, k=2)
+        fwd = {m.queryIdx: m.trainIdx for m, n in (p for p in knn if len(p) == 2) if m.distance < self.ratio * n.distance}
+        if self.mutual:
+            back = {m.queryIdx: m.trainIdx for (m,) in (p[:1] for p in bf.knnMatch(d2, d1, k=1) if p)}
+            fwd = {i: j for i, j in fwd.items() if back.get(j) == i}
+        idx = np.array(sorted(fwd.items()), dtype=np.int64).reshape(-1, 2)
+        a = pixel_to_normalized(p1[idx[:, 0]], h1, w1, center=0.0)
+        b = pixel_to_normalized(p2[idx[:, 1]], h2, w2, center=0.0)
+        return np.concatenate([a, b], axis=1), np.ones(len(idx))
+
+    @staticmethod
+    def to_pixel_coordinates(matches, H_A, W_A, H_B, W_B, center: float = DEFAULT_CENTER):
+        return (normalized_to_pixel(matches[..., :2], H_A, W_A, center),
+                normalized_to_pixel(matches[..., 2:], H_B, W_B, center))
+
+    def eval(self):
+        return self
+
+    def to(self, *args, **kwargs):
+        return self

@@ -1,0 +1,30 @@
+"""Evaluate a matcher on a benchmark.
+
+    python evaluate.py benchmark=scannet ckpt=dkm_base_v11.pth data_root=/data/scannet
+    python evaluate.py benchmark=hpatches model=sift limit=20
+
+Writes into the run directory: ``metrics.json`` (metrics, the resolved protocol, the checkpoint's
+sha256), ``pairs.csv`` (one row per pair) and ``.hydra/config.yaml`` (the exact config).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from dkm.evaluation import evaluate_benchmark
+
+log = logging.getLogger("evaluate")
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    metrics = evaluate_benchmark(cfg, out_dir)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
