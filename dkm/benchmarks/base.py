@@ -81,6 +81,10 @@ class PairBenchmark(ABC):
     def pair_id(self, pair) -> str:
         return str(pair)
 
+    def pair_images(self, pair):
+        """The two PIL images of a pair (for logging)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ shared machinery
     def check(self) -> None:
         missing = [str(p) for p in self.required_paths() if not Path(p).exists()]

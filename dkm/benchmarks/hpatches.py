@@ -53,13 +53,15 @@ class HpatchesHomogBenchmark(PairBenchmark):
     def pair_id(self, pair) -> str:
         return f"{pair[0]}/1-{pair[1]}"
 
+    def pair_images(self, pair):
+        seq, k = pair
+        return Image.open(self.seqs_path / seq / "1.ppm"), Image.open(self.seqs_path / seq / f"{k}.ppm")
+
     def _gt(self, pair):
         return np.loadtxt(self.seqs_path / pair[0] / f"H_1_{pair[1]}")
 
     def evaluate_pair(self, model, pair, ctx):
-        seq, k = pair
-        im1 = Image.open(self.seqs_path / seq / "1.ppm")
-        im2 = Image.open(self.seqs_path / seq / f"{k}.ppm")
+        im1, im2 = self.pair_images(pair)
         (w1, h1), (w2, h2) = im1.size, im2.size
         H_gt = self._gt(pair)
         matches, _ = self.sparse_matches(model, im1, im2, ctx)

@@ -54,6 +54,10 @@ class RelativePoseBenchmark(PairBenchmark):
         """``im1``, ``im2`` (PIL), ``K1``, ``K2`` (3, 3) for those images, ``R`` (3, 3), ``t`` (3,)."""
         raise NotImplementedError
 
+    def pair_images(self, pair):
+        p = self.load_pair(pair)
+        return p["im1"], p["im2"]
+
     def _rescale(self, im, K):
         w, h = im.size
         s = self.scale_to / (min(w, h) if self.scale_side == "short" else max(w, h))

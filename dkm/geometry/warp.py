@@ -23,6 +23,19 @@ def _sample(img: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
                          align_corners=False)[:, 0, :, 0]
 
 
+def affine_inverse(K: torch.Tensor) -> torch.Tensor:
+    """Closed-form inverse of (B, 3, 3) matrices with last row ``[0, 0, 1]`` (intrinsics, possibly
+    composed with an in-plane augmentation). Avoids batched ``torch.linalg.inv``, which is unreliable
+    on some CPU builds (pytorch#142815)."""
+    a, b, c, d = K[:, 0, 0], K[:, 0, 1], K[:, 1, 0], K[:, 1, 1]
+    det = a * d - b * c
+    A_inv = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / det[:, None, None]
+    t = -A_inv @ K[:, :2, 2:]
+    bottom = torch.zeros_like(K[:, 2:, :])
+    bottom[:, 0, 2] = 1
+    return torch.cat([torch.cat([A_inv, t], -1), bottom], -2)
+
+
 def warp_kpts(kpts: torch.Tensor, depth0: torch.Tensor, depth1: torch.Tensor, T_0to1: torch.Tensor,
               K0: torch.Tensor, K1: torch.Tensor, rel_depth_tol: float = 0.05):
     """Warp normalized query points into the support image through depth and relative pose.
@@ -37,7 +50,7 @@ def warp_kpts(kpts: torch.Tensor, depth0: torch.Tensor, depth1: torch.Tensor, T_
     Args:
         kpts: (B, L, 2) normalized query points.
         depth0, depth1: (B, H0, W0), (B, H1, W1) depth maps, 0 = unknown.
-        T_0to1: (B, 4, 4) or (B, 3, 4); K0, K1: (B, 3, 3) upper-triangular intrinsics.
+        T_0to1: (B, 4, 4) or (B, 3, 4); K0, K1: (B, 3, 3) intrinsics (last row ``[0, 0, 1]``).
     Returns:
         valid (B, L) bool and warped (B, L, 2) normalized support points.
     """
@@ -46,8 +59,7 @@ def warp_kpts(kpts: torch.Tensor, depth0: torch.Tensor, depth1: torch.Tensor, T_
     d0 = _sample(depth0, kpts)
     uv = normalized_to_pixel(kpts, h0, w0, CENTER)
     xyz = torch.cat([uv, torch.ones_like(uv[..., :1])], dim=-1) * d0[..., None]  # (B, L, 3)
-    # K0^-1 x by a triangular solve: no (unreliable on CPU) batched inverse
-    cam0 = torch.linalg.solve_triangular(K0, xyz.transpose(1, 2), upper=True)  # (B, 3, L)
+    cam0 = affine_inverse(K0) @ xyz.transpose(1, 2)  # (B, 3, L)
     cam1 = T_0to1[:, :3, :3] @ cam0 + T_0to1[:, :3, 3:4]
     z1 = cam1[:, 2]
     proj = (K1 @ cam1).transpose(1, 2)  # (B, L, 3)

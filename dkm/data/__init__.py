@@ -1,0 +1,1 @@
+"""Training data: Datasets (one pair -> one batch dict) and LightningDataModules."""

@@ -1,0 +1,120 @@
+"""LightningDataModule wiring the training datasets to loaders (the only Lightning code in data/)."""
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from .homography import SKIMAGE_TRAIN, SyntheticHomographyDataset, skimage_images
+from .megadepth import build_megadepth, scene_weights
+from .samplers import WeightedEpochSampler
+from .scannet import build_scannet
+
+log = logging.getLogger(__name__)
+
+
+class KeyedDataset(torch.utils.data.Dataset):
+    """Adapts a dataset whose items are seeded by ``(index, epoch)``: sets ``epoch`` on the
+    underlying scene datasets before reading the item, and tags it with its ``source``."""
+
+    def __init__(self, dataset, source: str):
+        self.dataset, self.source = dataset, source
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def _set_epoch(self, epoch):
+        for d in getattr(self.dataset, "datasets", [self.dataset]):
+            d.epoch = epoch
+
+    def __getitem__(self, key):
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
+        self._set_epoch(epoch)
+        item = self.dataset[i]
+        item["source"] = self.source
+        return item
+
+
+class AlternatingLoader:
+    """Alternates batches of several loaders (the indoor recipe: MegaDepth, ScanNet, ...)."""
+
+    def __init__(self, loaders: list[DataLoader]):
+        self.loaders = loaders
+
+    def __len__(self):
+        return min(len(x) for x in self.loaders) * len(self.loaders)
+
+    def __iter__(self):
+        its = [iter(x) for x in self.loaders]
+        for _ in range(min(len(x) for x in self.loaders)):
+            for it in its:
+                yield next(it)
+
+
+def collate(items: list[dict]) -> dict:
+    """Default collation, with string fields kept as lists."""
+    strings = {k: [it[k] for it in items] for k, v in items[0].items() if isinstance(v, str)}
+    rest = default_collate([{k: v for k, v in it.items() if k not in strings} for it in items])
+    return rest | strings
+
+
+class DKMDataModule(pl.LightningDataModule):
+    """Training data from a ``conf/data/*.yaml`` config.
+
+    ``sources`` is a list of ``{kind: megadepth|scannet|synthetic_homography, ...kwargs}``; one
+    source gives one loader, several alternate batch by batch. Each source is sampled by
+    :class:`WeightedEpochSampler` (scene weights ``1 / n^scene_alpha`` for MegaDepth/ScanNet),
+    ``samples_per_epoch`` items per epoch over all ranks.
+    """
+
+    def __init__(self, sources: list[dict], h: int, w: int, batch_size: int = 8, samples_per_epoch: int = 10000,
+                 num_workers: int = 4, pin_memory: bool = True, persistent_workers: bool = True, seed: int = 0,
+                 scene_alpha: float = 0.75, shake_t: int = 32, rot_prob: float = 0.0):
+        super().__init__()
+        self.sources, self.h, self.w = [dict(s) for s in sources], h, w
+        self.batch_size, self.samples_per_epoch = batch_size, samples_per_epoch
+        self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
+        self.seed, self.scene_alpha, self.shake_t, self.rot_prob = seed, scene_alpha, shake_t, rot_prob
+        self.datasets: list[tuple[KeyedDataset, torch.Tensor]] = []
+
+    def build_source(self, src: dict):
+        src = dict(src)
+        kind = src.pop("kind")
+        common = {"h": self.h, "w": self.w, "seed": self.seed}
+        if kind == "megadepth":
+            ds = build_megadepth(src.pop("data_root"), shake_t=src.pop("shake_t", self.shake_t),
+                                 rot_prob=src.pop("rot_prob", self.rot_prob), **common, **src)
+            return ds, scene_weights(ds, self.scene_alpha)
+        if kind == "scannet":
+            ds = build_scannet(src.pop("data_root"), shake_t=src.pop("shake_t", 0), **common, **src)
+            return ds, scene_weights(ds, self.scene_alpha)
+        if kind == "synthetic_homography":
+            names = src.pop("images", SKIMAGE_TRAIN)
+            ds = SyntheticHomographyDataset(skimage_images(names), length=src.pop("length", self.samples_per_epoch),
+                                            **common, **src)
+            return ds, torch.ones(len(ds))
+        raise ValueError(f"unknown data source kind {kind!r} (megadepth, scannet, synthetic_homography)")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        for src in self.sources:  # fails here, before training, on missing/partial trees
+            ds, weights = self.build_source(src)
+            self.datasets.append((KeyedDataset(ds, src["kind"]), weights))
+            log.info("data source %s: %d pairs", src["kind"], len(ds))
+
+    def _loader(self, ds, weights) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_source = self.samples_per_epoch // len(self.datasets)
+        sampler = WeightedEpochSampler(weights, per_source, seed=self.seed, rank=rank, world_size=world)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          persistent_workers=self.persistent_workers and self.num_workers > 0,
+                          collate_fn=collate, drop_last=True)
+
+    def train_dataloader(self):
+        loaders = [self._loader(ds, w) for ds, w in self.datasets]
+        return loaders[0] if len(loaders) == 1 else AlternatingLoader(loaders)

@@ -1,0 +1,42 @@
+"""Epoch-seeded weighted sampling that is identical on every rank and split across ranks."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.data import Sampler
+
+
+class WeightedEpochSampler(Sampler):
+    """Each epoch draws ``num_samples`` indices without replacement with probability proportional
+    to ``weights`` (Gumbel-top-k, any size), seeded by ``(seed, epoch)`` so that every rank draws
+    the same list; rank ``r`` of ``world_size`` takes ``list[r::world_size]`` (padded to equal length).
+
+    Yields ``(index, epoch)`` keys: datasets use the epoch to seed their per-item augmentation.
+    """
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        if self.weights.numel() == 0 or not (self.weights > 0).any():
+            raise ValueError("WeightedEpochSampler: no item has positive weight")
+        self.num_samples = min(int(num_samples), int((self.weights > 0).sum()))
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self._epoch_set, self._iterations = False, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch; without it, successive passes count as epochs."""
+        self.epoch, self._epoch_set = epoch, True
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.world_size)
+
+    def __iter__(self):
+        epoch = self.epoch if self._epoch_set else self._iterations
+        self._iterations += 1
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        u = torch.rand(self.weights.shape, generator=g, dtype=torch.float64).clamp_min(1e-300)
+        keys = self.weights.log() - (-u.log()).log()
+        idx = keys.topk(self.num_samples).indices.tolist()
+        idx += idx[: len(self) * self.world_size - len(idx)]  # pad so every rank yields len(self)
+        for i in idx[self.rank::self.world_size]:
+            yield (i, epoch)

@@ -1,0 +1,1 @@
+"""Lightning wiring: the LightningModule, callbacks, checkpoint I/O and the training entry."""

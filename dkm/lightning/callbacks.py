@@ -1,0 +1,102 @@
+"""Benchmarks as validation loops, sharded over ranks (the same benchmark objects as evaluate.py)."""
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+
+from ..benchmarks.base import PairBenchmark
+from ..evaluation import build_benchmark
+from ..utils.distributed import gather_records, object_group, shard
+from .module import log_warp_image
+
+log = logging.getLogger(__name__)
+
+
+class BenchmarkCallback(pl.Callback):
+    """Runs ``benchmark`` every ``every_n_steps`` training steps and/or ``every_n_epochs`` epochs.
+
+    Each rank evaluates ``indices[rank::world_size]`` (every rank works, none idles), the per-pair
+    records are gathered over a gloo group with its own long timeout, de-duplicated by pair index
+    (so every pair counts once whatever the world size) and reduced identically on every rank. The
+    metrics are logged as ``<name>/<metric>`` from every rank with the same value, so
+    ``ModelCheckpoint(monitor="hpatches/auc@5")`` works on all ranks; the logger writes once.
+
+    Args:
+        name: metric prefix.
+        benchmark: a :class:`~dkm.benchmarks.base.PairBenchmark` (its data root is checked when built).
+        indices: a fixed subset of pair indices (default: all pairs).
+        num_log_pairs: rank 0 logs warp images of this many pairs per evaluation.
+        timeout_s: timeout of the gathering collective.
+    """
+
+    def __init__(self, name: str, benchmark: PairBenchmark, every_n_steps: int | None = None,
+                 every_n_epochs: int | None = None, indices=None, num_log_pairs: int = 2, timeout_s: float = 6 * 3600):
+        if not every_n_steps and not every_n_epochs:
+            raise ValueError(f"benchmark callback {name}: set every_n_steps or every_n_epochs")
+        self.name, self.benchmark = name, benchmark
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.indices = list(range(len(benchmark))) if indices is None else list(indices)
+        self.num_log_pairs, self.timeout_s = num_log_pairs, timeout_s
+        self.last_metrics: dict = {}
+        self.last_records: list[dict] = []
+
+    def setup(self, trainer, pl_module, stage):
+        object_group(self.timeout_s)  # collective: create the gathering group on every rank up front
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.run(trainer, pl_module)
+
+    @torch.no_grad()
+    def run(self, trainer, pl_module) -> dict:
+        model = pl_module.model
+        rank, world = trainer.global_rank, trainer.world_size
+        mine = shard(self.indices, rank, world)
+        records = self.benchmark.evaluate_pairs(model, mine, progress=rank == 0)
+        records = gather_records(records, group=object_group(self.timeout_s) if world > 1 else None)
+        metrics = self.benchmark.compute_metrics(records)
+        self.last_metrics, self.last_records = metrics, records
+        for k, v in metrics.items():
+            pl_module.log(f"{self.name}/{k}", float(v), on_step=True, on_epoch=False, sync_dist=False,
+                          batch_size=1)
+        if rank == 0:
+            log.info("%s at step %d: %s", self.name, trainer.global_step,
+                     ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+            self._log_pairs(trainer, model)
+        return metrics
+
+    def _log_pairs(self, trainer, model) -> None:
+        if not self.num_log_pairs or not hasattr(model, "match") or trainer.logger is None:
+            return
+        from ..utils.image import pil_to_tensor
+        from ..viz import warp_panel
+
+        for i in self.indices[: self.num_log_pairs]:
+            try:
+                im1, im2 = self.benchmark.pair_images(self.benchmark.pairs()[i])
+                warp, cert = model.match(im1, im2)
+                h, w = warp.shape[:2]
+                img = warp_panel(pil_to_tensor(im1.convert("RGB"), (h, w)), pil_to_tensor(im2.convert("RGB"), (h, w)),
+                                 warp[..., 2:], cert)
+                log_warp_image(trainer.logger, f"{self.name}/pair_{i}", img, trainer.global_step,
+                               self.benchmark.pair_id(self.benchmark.pairs()[i]))
+            except Exception as e:  # a picture is never worth a crash
+                log.warning("%s: could not log pair %d: %s", self.name, i, e)
+
+
+def build_benchmark_callbacks(cfg: dict, seed: int = 0) -> list[BenchmarkCallback]:
+    """``cfg``: ``{name: {benchmark: <conf/benchmark mapping>, every_n_steps, every_n_epochs,
+    limit, indices, num_log_pairs, data_root}}``. Builds (and so checks) every benchmark now."""
+    out = []
+    for name, c in dict(cfg).items():
+        c = dict(c)
+        bench = build_benchmark(dict(c.pop("benchmark")), c.pop("data_root", None), seed=seed, limit=c.pop("limit", None))
+        out.append(BenchmarkCallback(name, bench, **c))
+    return out

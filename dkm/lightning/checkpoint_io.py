@@ -1,0 +1,63 @@
+"""Checkpoint writing that never leaves a truncated file, and export to the upstream .pth layout."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save`` into a temporary file next to ``path``, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O writing through :func:`atomic_save`."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        atomic_save(checkpoint, path)
+
+
+def export_weights(ckpt_path, out_path) -> dict:
+    """Lightning ``.ckpt`` -> the upstream ``.pth`` layout (the model's state_dict, keys without the
+    ``model.`` prefix), loadable by ``dkm_base(weights=...)`` and ``evaluate.py ckpt=...``."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    sd = ckpt.get("state_dict")
+    if sd is None:
+        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no 'state_dict')")
+    weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    if not weights:
+        raise ValueError(f"{ckpt_path}: no 'model.*' weights in its state_dict")
+    atomic_save(weights, out_path)
+    return weights
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Export a Lightning checkpoint to the upstream DKM .pth layout.")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    w = export_weights(a.ckpt, a.out)
+    log.info("wrote %d tensors to %s", len(w), a.out)
+
+
+if __name__ == "__main__":
+    main()

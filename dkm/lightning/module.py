@@ -1,0 +1,109 @@
+"""LightningModule: the DKM model + the DKM loss + the recipe's optimiser and schedule. Nothing else."""
+from __future__ import annotations
+
+import logging
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from ..geometry.warp import gt_warp
+from ..losses import DKMLoss
+from ..models.zoo import build_model
+from ..viz import warp_panel
+
+log = logging.getLogger(__name__)
+
+
+class DKMLightningModule(pl.LightningModule):
+    """Args (all from ``conf/train.yaml``):
+        model: a ``conf/model`` mapping (:func:`dkm.models.zoo.build_model`).
+        loss: :class:`~dkm.losses.DKMLoss` arguments; ``ce_weight_by_source`` overrides the BCE weight
+            for batches of a given data source (the indoor recipe trains ScanNet batches with 0).
+        optim: ``lr_encoder``, ``lr_decoder`` (per device, as the recipe: multiplied by the number of
+            devices when ``scale_lr_with_devices``), ``weight_decay``, ``milestones`` (fractions of
+            ``trainer.max_steps``), ``gamma``.
+        log_images_every_n_steps: 0 disables the warp images.
+    """
+
+    def __init__(self, model: dict, loss: dict, optim: dict, log_images_every_n_steps: int = 1000):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model).train()  # the zoo returns models in eval mode
+        loss = dict(loss)
+        self.ce_weight_by_source = dict(loss.pop("ce_weight_by_source", None) or {})
+        self.loss = DKMLoss(**loss)
+        self.optim = dict(optim)
+        self.log_images_every_n_steps = log_images_every_n_steps
+        self._t_last = None
+        self.loss_history: list[torch.Tensor] = []  # per-step training loss (detached), for reports
+
+    def forward(self, batch: dict) -> dict:
+        return self.model(batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        source = batch.get("source", [None])[0]
+        ce_weight = self.ce_weight_by_source.get(source, None)
+        if ce_weight is not None:
+            default, self.loss.ce_weight = self.loss.ce_weight, ce_weight
+        try:
+            total, terms = self.loss(out, batch)
+        finally:
+            if ce_weight is not None:
+                self.loss.ce_weight = default
+        b = batch["query"].shape[0]
+        self.loss_history.append(total.detach())
+        self.log("train/loss", total, prog_bar=True, batch_size=b, on_step=True, on_epoch=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=b, on_step=True, on_epoch=False)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self.log("train/pairs_per_s", b * self.trainer.world_size / (now - self._t_last), batch_size=b)
+        self._t_last = now
+        if self.log_images_every_n_steps and self.global_step % self.log_images_every_n_steps == 0 \
+                and self.global_rank == 0:
+            self._log_warp_image(batch, out)
+        return total
+
+    @torch.no_grad()
+    def _log_warp_image(self, batch: dict, out: dict) -> None:
+        fine = out[min(out)]
+        flow = fine["dense_flow"][:1].permute(0, 2, 3, 1)
+        cert = fine["dense_certainty"][:1, 0].sigmoid()
+        gt, valid = gt_warp({k: v[:1] if torch.is_tensor(v) else v for k, v in batch.items()}, *flow.shape[1:3])
+        img = warp_panel(batch["query"][0], batch["support"][0], flow[0], cert[0], gt[0].float(), valid[0])
+        caption = "query | support | support warped by prediction x certainty | certainty | by ground truth"
+        log_warp_image(self.logger, "train/warp", img, self.global_step, caption)
+
+    def configure_optimizers(self):
+        o = self.optim
+        scale = self.trainer.world_size if o.get("scale_lr_with_devices", True) else 1
+        params = [{"params": self.model.encoder.parameters(), "lr": o["lr_encoder"] * scale, "name": "encoder"},
+                  {"params": self.model.decoder.parameters(), "lr": o["lr_decoder"] * scale, "name": "decoder"}]
+        opt = torch.optim.AdamW(params, weight_decay=o.get("weight_decay", 0.01))
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            raise ValueError("trainer.max_steps must be set: the LR milestones are fractions of it")
+        milestones = [int(f * total) for f in o.get("milestones", (2 / 3, 9 / 10))]
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=o.get("gamma", 0.2))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def log_warp_image(logger, key: str, image, step: int, caption: str = "") -> None:
+    """Log an (H, W, 3) uint8 image with whatever logger is attached (W&B, TensorBoard) or, for
+    loggers without images (CSV), as a PNG in the logger's directory."""
+    if logger is None:
+        return
+    name = type(logger).__name__
+    if name == "WandbLogger":
+        logger.log_image(key=key, images=[image], step=step, caption=[caption])
+    elif name == "TensorBoardLogger":
+        logger.experiment.add_image(key, image, step, dataformats="HWC")
+    elif getattr(logger, "log_dir", None):
+        from pathlib import Path
+
+        from PIL import Image
+
+        d = Path(logger.log_dir) / "images"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(d / f"{key.replace('/', '_')}_{step:08d}.png")

@@ -1,0 +1,50 @@
+"""The body of ``train.py``: config -> DataModule, LightningModule, logger, callbacks, Trainer."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from ..data.datamodules import DKMDataModule
+from .callbacks import build_benchmark_callbacks
+from .checkpoint_io import AtomicCheckpointIO
+from .loggers import build_logger
+from .module import DKMLightningModule
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[pl.Trainer, ModelCheckpoint]:
+    ck = OmegaConf.to_container(cfg.checkpoint, resolve=True)
+    checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, **ck)
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *extra_callbacks]
+    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
+    trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger if logger is not None else False,
+                         callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+                         **OmegaConf.to_container(cfg.trainer, resolve=True))
+    return trainer, checkpoint
+
+
+def train(cfg: DictConfig, out_dir) -> dict:
+    """Fit (or resume with ``cfg.ckpt_path``); returns paths of what was written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    data = DKMDataModule(**OmegaConf.to_container(cfg.data.module, resolve=True), seed=cfg.seed)
+    data.setup("fit")  # a missing or partial dataset tree fails here, before any training
+    bench_callbacks = build_benchmark_callbacks(cfg.get("callbacks") or {}, seed=cfg.seed)  # checks data roots
+    module = DKMLightningModule(OmegaConf.to_container(cfg.model, resolve=True),
+                                OmegaConf.to_container(cfg.loss, resolve=True),
+                                OmegaConf.to_container(cfg.optim, resolve=True),
+                                log_images_every_n_steps=cfg.log_images_every_n_steps)
+    trainer, checkpoint = build_trainer(cfg, out_dir, bench_callbacks)
+    if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    last = Path(checkpoint.dirpath) / "last.ckpt"
+    return {"module": module, "trainer": trainer, "last_ckpt": last,
+            "best_ckpt": checkpoint.best_model_path or None, "out_dir": out_dir}
