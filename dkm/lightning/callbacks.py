@@ -32,11 +32,12 @@ class BenchmarkCallback(pl.Callback):
     """
 
     def __init__(self, name: str, benchmark: PairBenchmark, every_n_steps: int | None = None,
-                 every_n_epochs: int | None = None, indices=None, num_log_pairs: int = 2, timeout_s: float = 6 * 3600):
-        if not every_n_steps and not every_n_epochs:
-            raise ValueError(f"benchmark callback {name}: set every_n_steps or every_n_epochs")
+                 every_n_epochs: int | None = None, at_start: bool = False, indices=None, num_log_pairs: int = 2,
+                 timeout_s: float = 6 * 3600):
+        if not every_n_steps and not every_n_epochs and not at_start:
+            raise ValueError(f"benchmark callback {name}: set every_n_steps, every_n_epochs or at_start")
         self.name, self.benchmark = name, benchmark
-        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.every_n_steps, self.every_n_epochs, self.at_start = every_n_steps, every_n_epochs, at_start
         self.indices = list(range(len(benchmark))) if indices is None else list(indices)
         self.num_log_pairs, self.timeout_s = num_log_pairs, timeout_s
         self.last_metrics: dict = {}
@@ -44,6 +45,10 @@ class BenchmarkCallback(pl.Callback):
 
     def setup(self, trainer, pl_module, stage):
         object_group(self.timeout_s)  # collective: create the gathering group on every rank up front
+
+    def on_train_start(self, trainer, pl_module):
+        if self.at_start:
+            self.run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -67,10 +72,24 @@ class BenchmarkCallback(pl.Callback):
             pl_module.log(f"{self.name}/{k}", float(v), on_step=True, on_epoch=False, sync_dist=False,
                           batch_size=1)
         if rank == 0:
+            self._write(trainer, metrics, records)
             log.info("%s at step %d: %s", self.name, trainer.global_step,
                      ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
             self._log_pairs(trainer, model)
         return metrics
+
+    def _write(self, trainer, metrics: dict, records: list[dict]) -> None:
+        """``<run dir>/benchmarks/<name>/step<k>/{metrics.json, pairs.csv}``."""
+        import json
+        from pathlib import Path
+
+        from ..evaluation import write_records_csv
+
+        d = Path(trainer.default_root_dir) / "benchmarks" / self.name / f"step{trainer.global_step:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "metrics.json").write_text(json.dumps({"step": trainer.global_step, "metrics": metrics,
+                                                    "num_ranks": trainer.world_size}, indent=2))
+        write_records_csv(records, d / "pairs.csv")
 
     def _log_pairs(self, trainer, model) -> None:
         if not self.num_log_pairs or not hasattr(model, "match") or trainer.logger is None:

@@ -1,0 +1,79 @@
+"""Report what is missing in a benchmark tree, before a long run finds out.
+
+    python datasets/check.py hpatches data/hpatches
+    python datasets/check.py scannet data/scannet
+    python datasets/check.py yfcc data/yfcc100m_test
+    python datasets/check.py megadepth1500 data/megadepth
+    python datasets/check.py megadepth data/megadepth      # training tree (prep_scene_info)
+    python datasets/check.py scannet_train data/scannet     # training tree (scannet_indices)
+
+Exit status 0 when complete, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def check_benchmark(name: str, root: str) -> list[str]:
+    from dkm.evaluation import build_benchmark
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "benchmark" / f"{name}.yaml"))
+    try:
+        bench = build_benchmark(cfg, root)
+    except FileNotFoundError as e:
+        return [line.strip() for line in str(e).splitlines()[1:] if line.strip() and not line.startswith("See")]
+    problems = []
+    for pair in bench.pairs():
+        try:
+            for im in bench.pair_images(pair):
+                im.close()
+        except (FileNotFoundError, OSError, KeyError) as e:
+            problems.append(f"{bench.pair_id(pair)}: {getattr(e, 'filename', None) or e}")
+    print(f"{name}: {len(bench)} pairs listed, {len(problems)} with missing or unreadable files")
+    return problems
+
+
+def check_training(kind: str, root: str) -> list[str]:
+    from dkm.data.megadepth import build_megadepth
+    from dkm.data.scannet import build_scannet
+
+    try:
+        ds = build_megadepth(root) if kind == "megadepth" else build_scannet(root)
+    except (FileNotFoundError, KeyError) as e:
+        return [str(e)]
+    problems = []
+    for part in ds.datasets:
+        for i in range(len(part)):
+            try:
+                part[i]
+            except (FileNotFoundError, OSError, ValueError) as e:
+                problems.append(str(e))
+    print(f"{kind}: {sum(len(d) for d in ds.datasets)} training pairs, {len(problems)} unreadable")
+    return problems
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=["hpatches", "scannet", "yfcc", "megadepth1500", "megadepth", "scannet_train"])
+    p.add_argument("root")
+    a = p.parse_args()
+    if a.name in ("megadepth", "scannet_train"):
+        problems = check_training("megadepth" if a.name == "megadepth" else "scannet", a.root)
+    else:
+        problems = check_benchmark(a.name, a.root)
+    for line in problems[:200]:
+        print("missing:", line)
+    if len(problems) > 200:
+        print(f"... and {len(problems) - 200} more")
+    print("OK" if not problems else f"INCOMPLETE: {len(problems)} problems")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
