@@ -16,6 +16,7 @@ import logging
 import time
 import traceback
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -39,13 +40,21 @@ class PairBenchmark(ABC):
         center: pixel coordinate of pixel 0's centre used when converting matches to pixels
             (see :mod:`dkm.geometry.coords`); protocols differ.
         limit: evaluate only the first ``limit`` pairs (quick checks).
+        resolution: ``(h, w)`` internal resolution a dense DKM matcher runs at during this
+            benchmark (set on its ``h_resized``/``w_resized`` and restored afterwards); ``None`` =
+            the model's own. Ignored for matchers without those attributes (SIFT).
     """
 
     name = "benchmark"
 
     def __init__(self, data_root, *, seed: int = 0, num_samples: int = 10000, cycle_consistency: bool = False,
-                 center: float = 0.5, limit: int | None = None, check: bool = True):
+                 center: float = 0.5, limit: int | None = None, check: bool = True, resolution=None):
         self.data_root = Path(data_root)
+        if resolution is not None:
+            resolution = tuple(int(v) for v in resolution)
+            if len(resolution) != 2 or min(resolution) <= 0:
+                raise ValueError(f"{self.name}: resolution must be [h, w] (positive), got {resolution}")
+        self.resolution = resolution
         self.seed = int(seed)
         self.num_samples = int(num_samples)
         self.cycle_consistency = bool(cycle_consistency)
@@ -118,9 +127,35 @@ class PairBenchmark(ABC):
         return (normalized_to_pixel(matches[:, :2], hw1[0], hw1[1], c),
                 normalized_to_pixel(matches[:, 2:], hw2[0], hw2[1], c))
 
+    def effective_resolution(self, model):
+        """``(h, w)`` at which ``model`` matches in this benchmark, or ``None`` (not a dense DKM matcher)."""
+        if not (hasattr(model, "h_resized") and hasattr(model, "w_resized")):
+            return None
+        return self.resolution or (int(model.h_resized), int(model.w_resized))
+
+    @contextmanager
+    def _at_resolution(self, model):
+        if self.resolution is None or not hasattr(model, "h_resized") or not hasattr(model, "w_resized"):
+            yield
+            return
+        old = (model.h_resized, model.w_resized)
+        model.h_resized, model.w_resized = self.resolution
+        try:
+            yield
+        finally:
+            model.h_resized, model.w_resized = old
+
     def evaluate_pairs(self, model, indices=None, progress: bool = True) -> list[dict]:
-        """Records for the given pair indices (default: all), each seeded by its index."""
-        indices = range(len(self._pairs)) if indices is None else list(indices)
+        """Records for the given pair indices (default: all), each seeded by its index, so any
+        subset, order or split over processes gives the same record for a pair."""
+        indices = range(len(self._pairs)) if indices is None else [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < len(self._pairs)]
+        if bad:
+            raise IndexError(f"{self.name}: pair indices {bad[:10]} out of range [0, {len(self._pairs)})")
+        with self._at_resolution(model):
+            return self._evaluate(model, indices, progress)
+
+    def _evaluate(self, model, indices, progress: bool) -> list[dict]:
         records = []
         for i in tqdm(indices, desc=self.name, disable=not progress, leave=False):
             pair = self._pairs[i]

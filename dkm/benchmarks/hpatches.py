@@ -67,17 +67,21 @@ class HpatchesHomogBenchmark(PairBenchmark):
         matches, _ = self.sparse_matches(model, im1, im2, ctx)
         k1, k2 = self.to_pixels(matches, (h1, w1), (h2, w2))
         scale = min(w2, h2) / self.normalize_to
-        H = None
+        H, inliers, reason = None, 0, ""
         try:
-            H = estimate_homography(k1, k2, self.ransac_thr * scale, self.ransac_conf)
-        except Exception:  # the release treats any estimator error as "no homography"
-            H = None
+            est = estimate_homography(k1, k2, self.ransac_thr * scale, self.ransac_conf, return_inliers=True)
+        except Exception as e:  # the release catches any estimator error as "no homography"
+            est, reason = None, f"findHomography: {type(e).__name__}: {e}"
+        if est is not None:
+            H, inl = est
+            inliers = int(inl.sum())
         failed = H is None
-        if failed:
+        if failed:  # the release's stand-in: every corner maps to (0, 0), a large but finite error
             H = np.diag([0.0, 0.0, 1.0])
+            reason = reason or f"no homography from {len(matches)} matches"
         err = mean_corner_error(H, H_gt, h1, w1) / scale
-        return {"corner_error": err, "num_matches": len(matches), "failed": failed,
-                "reason": "no homography found" if failed else ""}
+        return {"corner_error": err, "inliers": inliers, "num_matches": len(matches), "failed": failed,
+                "reason": reason}
 
     def failure_record(self, pair):
         try:
@@ -87,7 +91,7 @@ class HpatchesHomogBenchmark(PairBenchmark):
             err = mean_corner_error(np.diag([0.0, 0.0, 1.0]), self._gt(pair), h1, w1) / (min(w2, h2) / self.normalize_to)
         except Exception:
             err = float("inf")  # unreadable pair: counted, never recalled
-        return {"corner_error": err, "num_matches": 0}
+        return {"corner_error": err, "inliers": 0, "num_matches": 0}
 
     def compute_metrics(self, records):
         errors = [r["corner_error"] for r in records]

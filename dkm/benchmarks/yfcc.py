@@ -55,10 +55,15 @@ class Yfcc100mBenchmark(RelativePoseBenchmark):
         for scene in self.scenes:
             with open(self.data_root / "pairs" / f"{scene}-te-1000-pairs.pkl", "rb") as f:
                 scene_pairs = np.asarray(pickle.load(f))
-            images = [s for s in open(self.scene_dir(scene) / "images.txt").read().splitlines() if s]
-            calibs = [s for s in open(self.scene_dir(scene) / "calibration.txt").read().splitlines() if s]
+            # indexed exactly as the release reads them: the file split on "\n"
+            images = open(self.scene_dir(scene) / "images.txt").read().split("\n")
+            calibs = open(self.scene_dir(scene) / "calibration.txt").read().split("\n")
+            if offset + len(scene_pairs) > len(meta):
+                raise ValueError(f"{self.data_root / 'yfcc_test_pairs_with_gt.txt'}: {len(meta)} lines, but the "
+                                 f"pair lists up to {scene} need {offset + len(scene_pairs)}")
             for j, (i1, i2) in enumerate(scene_pairs):
-                # The release reads line 1000 * scene_index + j: scenes follow each other in the file.
+                # The release reads line 1000 * scene_index + j (scenes follow each other in the file,
+                # 1000 pairs each); the running offset is the same on the real split.
                 row = meta[offset + j]
                 pairs.append({"scene": scene, "im1": images[i1], "im2": images[i2], "calib1": calibs[i1],
                               "calib2": calibs[i2], "rot1": int(row[2]), "rot2": int(row[3])})

@@ -5,12 +5,22 @@ import cv2
 import numpy as np
 
 
-def estimate_homography(kpts0: np.ndarray, kpts1: np.ndarray, thresh_px: float, conf: float = 0.99999):
-    """OpenCV RANSAC homography (kpts0 -> kpts1); ``None`` if fewer than 4 points or no model."""
+def estimate_homography(kpts0: np.ndarray, kpts1: np.ndarray, thresh_px: float, conf: float = 0.99999,
+                        return_inliers: bool = False):
+    """OpenCV RANSAC homography mapping ``kpts0`` (N, 2) to ``kpts1`` (N, 2) pixels.
+
+    Returns ``H`` (3, 3), or ``(H, inlier mask (N,) bool)`` with ``return_inliers``; ``None`` if
+    there are fewer than 4 points or OpenCV finds no model. OpenCV's own errors propagate (the
+    HPatches benchmark treats them as the release does: no homography)."""
     if len(kpts0) < 4:
         return None
-    H, _ = cv2.findHomography(np.asarray(kpts0, np.float64), np.asarray(kpts1, np.float64),
-                              method=cv2.RANSAC, ransacReprojThreshold=thresh_px, confidence=conf)
+    H, mask = cv2.findHomography(np.asarray(kpts0, np.float64), np.asarray(kpts1, np.float64),
+                                 method=cv2.RANSAC, ransacReprojThreshold=thresh_px, confidence=conf)
+    if H is None:
+        return None
+    if return_inliers:
+        inl = np.zeros(len(kpts0), bool) if mask is None else mask.ravel() > 0
+        return H, inl
     return H
 
 

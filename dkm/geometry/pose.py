@@ -60,25 +60,31 @@ def estimate_pose_opencv(kpts0: np.ndarray, kpts1: np.ndarray, K0: np.ndarray, K
 def estimate_pose_poselib(kpts0: np.ndarray, kpts1: np.ndarray, K0: np.ndarray, K1: np.ndarray,
                           thresh_px: float, conf: float = 0.99999, seed: int = 0,
                           image_sizes: tuple | None = None):
-    """Relative pose by poselib's LO-RANSAC with non-linear refinement; ``thresh_px`` is the
-    epipolar error threshold in pixels. Returns ``(R, t (3, 1), inlier mask)`` or ``None``."""
+    """Relative pose by poselib's LO-RANSAC with non-linear refinement.
+
+    Points are first normalized with ``K`` exactly as :func:`estimate_pose_opencv` does (so any
+    ``K``, including the rotated ones of :func:`rotate_intrinsic`, is handled), then poselib runs on
+    identity cameras with the epipolar threshold ``thresh_px * (1/f0 + 1/f1) / 2`` (``f`` =
+    ``sqrt|det K[:2, :2]|``), which is poselib's own rescaling of a pixel threshold. Its bundle
+    adjustment keeps poselib's default loss scale (half the threshold). ``seed`` seeds the RANSAC.
+    ``image_sizes`` is accepted for API symmetry and unused.
+
+    Returns ``(R, t (3, 1), inlier mask (N,))`` or ``None`` (fewer than 5 points or inliers).
+    """
     import poselib
 
     if len(kpts0) < 5:
         return None
-    sizes = image_sizes or ((0, 0), (0, 0))
-
-    def cam(K, hw):
-        return {"model": "PINHOLE", "width": int(hw[1]), "height": int(hw[0]),
-                "params": [float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])]}
-
+    p0, p1 = _normalize(np.asarray(kpts0, np.float64), K0), _normalize(np.asarray(kpts1, np.float64), K1)
+    f0, f1 = (float(np.sqrt(abs(np.linalg.det(np.asarray(K, np.float64)[:2, :2])))) for K in (K0, K1))
+    thresh = float(thresh_px) * 0.5 * (1.0 / f0 + 1.0 / f1)
+    ident = {"model": "PINHOLE", "width": 0, "height": 0, "params": [1.0, 1.0, 0.0, 0.0]}
     pose, info = poselib.estimate_relative_pose(
-        np.ascontiguousarray(kpts0, dtype=np.float64), np.ascontiguousarray(kpts1, dtype=np.float64),
-        cam(K0, sizes[0]), cam(K1, sizes[1]),
-        {"max_epipolar_error": float(thresh_px), "success_prob": float(conf), "seed": int(seed)}, {})
+        np.ascontiguousarray(p0), np.ascontiguousarray(p1), ident, ident,
+        {"max_epipolar_error": thresh, "success_prob": float(conf), "seed": int(seed)}, {})
     if info.get("num_inliers", 0) < 5:
         return None
-    return pose.R, pose.t.reshape(3, 1), np.asarray(info["inliers"], dtype=bool)
+    return np.asarray(pose.R), np.asarray(pose.t).reshape(3, 1), np.asarray(info["inliers"], dtype=bool)
 
 
 def rotate_intrinsic(K: np.ndarray, n: int) -> np.ndarray:
