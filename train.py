@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
     if type(trainer.logger).__name__ == "WandbLogger":
         import wandb
 
-        wandb.finish(quiet=True)  # flush now, so that the report below stays the last output
+        wandb.finish()  # flush now, so that the report below stays the last output
     print(f"checkpoint: {result['last_ckpt']}")
     if result["best_ckpt"]:
         print(f"best checkpoint: {result['best_ckpt']}")

@@ -47,8 +47,11 @@ class BenchmarkCallback(pl.Callback):
         object_group(self.timeout_s)  # collective: create the gathering group on every rank up front
 
     def on_train_start(self, trainer, pl_module):
-        if self.at_start:
-            self.run(trainer, pl_module)
+        if self.at_start:  # Lightning allows no step-level self.log() here: straight to the logger
+            metrics = self.run(trainer, pl_module, log_to_module=False)
+            if trainer.global_rank == 0 and trainer.logger is not None:
+                trainer.logger.log_metrics({f"{self.name}/{k}": float(v) for k, v in metrics.items()},
+                                           step=trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -60,7 +63,7 @@ class BenchmarkCallback(pl.Callback):
             self.run(trainer, pl_module)
 
     @torch.no_grad()
-    def run(self, trainer, pl_module) -> dict:
+    def run(self, trainer, pl_module, log_to_module: bool = True) -> dict:
         model = pl_module.model
         rank, world = trainer.global_rank, trainer.world_size
         mine = shard(self.indices, rank, world)
@@ -68,7 +71,7 @@ class BenchmarkCallback(pl.Callback):
         records = gather_records(records, group=object_group(self.timeout_s) if world > 1 else None)
         metrics = self.benchmark.compute_metrics(records)
         self.last_metrics, self.last_records = metrics, records
-        for k, v in metrics.items():
+        for k, v in metrics.items() if log_to_module else ():
             pl_module.log(f"{self.name}/{k}", float(v), on_step=True, on_epoch=False, sync_dist=False,
                           batch_size=1)
         if rank == 0:

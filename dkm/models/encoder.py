@@ -15,13 +15,15 @@ PYRAMID_CHANNELS = {
 class Encoder(nn.Module):
     """Wraps a torchvision :class:`~torchvision.models.ResNet` and returns its feature pyramid.
 
-    The ResNet's ``avgpool``/``fc`` head stays registered (unused) so that the state_dict keys of the
-    official DKM checkpoints (which include ``encoder.resnet.fc.*``) load unchanged.
+    The ResNet's ``avgpool``/``fc`` head stays registered (unused, frozen) so that the state_dict keys
+    of the official DKM checkpoints (which include ``encoder.resnet.fc.*``) load unchanged.
     """
 
     def __init__(self, resnet: ResNet):
         super().__init__()
         self.resnet = resnet
+        # The classifier is never used: frozen, so that DDP does not wait for its gradients.
+        self.resnet.fc.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
         """``x`` (B, 3, H, W) ImageNet-normalized -> ``{stride: (B, C_stride, H/stride, W/stride)}``.
