@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .benchmarks import BENCHMARKS
+from .benchmarks import BENCHMARKS, dedup_records
 from .models.zoo import build_model
+from .utils.distributed import shard as shard_indices
 
 log = logging.getLogger(__name__)
 
@@ -66,42 +67,109 @@ def summary_table(name: str, metrics: dict) -> str:
     return f"{name}\n{head}\n{vals}"
 
 
+def select_indices(n: int, subset=None, shard=None) -> list[int]:
+    """The pair indices to evaluate: ``subset`` (explicit indices, or ``"a:b"`` a range) of all
+    ``n``, then ``shard = "k/m"`` keeps every m-th from the k-th (as the distributed callbacks do)."""
+    if subset is None:
+        idx = list(range(n))
+    elif isinstance(subset, str):
+        try:
+            a, b = (int(v) if v else None for v in subset.split(":"))
+        except ValueError:
+            raise ValueError(f"subset={subset!r}: expected a list of indices or 'start:stop'") from None
+        idx = list(range(n))[a:b]
+    else:
+        idx = [int(i) for i in subset]
+        bad = [i for i in idx if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"subset: indices {bad[:10]} out of range [0, {n})")
+    if shard is not None:
+        try:
+            k, m = (int(v) for v in str(shard).split("/"))
+            idx = shard_indices(idx, k, m)
+        except ValueError as e:
+            raise ValueError(f"shard={shard!r}: expected 'k/m' with 0 <= k < m ({e})") from None
+    return idx
+
+
+def load_records(run_dirs) -> list[dict]:
+    """Records of earlier runs (their ``records.json``), de-duplicated by ``pair_index``."""
+    records = []
+    for d in run_dirs:
+        f = Path(d) / "records.json"
+        if not f.exists():
+            raise FileNotFoundError(f"merge: {f} not found (written by every evaluate.py run)")
+        records += json.loads(f.read_text())
+    return dedup_records(records)
+
+
 def evaluate_benchmark(cfg, out_dir) -> dict:
-    """Run ``cfg.benchmark`` on ``cfg.model`` (+ ``cfg.ckpt``), write outputs into ``out_dir``."""
+    """Run ``cfg.benchmark`` on ``cfg.model`` (+ ``cfg.ckpt``), write outputs into ``out_dir``:
+    ``metrics.json`` (metrics, resolved protocol, checkpoint sha256), ``pairs.csv`` (one row per
+    pair), ``records.json`` (the same records, loss-free, for ``merge=``) and print a summary table.
+    With ``merge=[run dirs]`` no model runs: the records of those runs (e.g. shards) are merged."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=cfg.limit)  # fails early
+    indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    ckpt_hash = None
-    if cfg.ckpt is not None:
-        model_cfg["weights"] = str(cfg.ckpt)
-        ckpt_hash = sha256_file(cfg.ckpt)
-    elif model_cfg.get("weights"):
-        ckpt_hash = sha256_file(model_cfg["weights"])
-    model = build_model(model_cfg)
-    device = resolve_device(cfg.device)
-    model = model.to(device).eval()
-    if hasattr(model, "inference_dtype"):
-        model.inference_dtype = DTYPES[cfg.dtype]
-    log.info("evaluating %s on %s (%d pairs) on %s", model_cfg.get("arch"), bench.name, len(bench), device)
-    metrics, records = bench.run(model, progress=cfg.progress)
+    ckpt_hash, device, resolution = None, None, None
+    if cfg.get("merge"):
+        wanted = set(indices)
+        records = [r for r in load_records(cfg.merge) if r["pair_index"] in wanted]
+        missing = sorted(set(indices) - {r["pair_index"] for r in records})
+        if missing:
+            log.warning("merge: %d of %d pairs have no record (first: %s)", len(missing), len(indices), missing[:10])
+        metrics = bench.compute_metrics(records)
+    else:
+        if cfg.ckpt is not None:
+            if model_cfg.get("arch") == "sift":
+                raise ValueError("ckpt= was given but model=sift has no weights; choose a DKM model (model=dkm_base)")
+            if not Path(cfg.ckpt).is_file():
+                raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
+            model_cfg["weights"] = str(cfg.ckpt)
+        if model_cfg.get("weights"):
+            ckpt_hash = sha256_file(model_cfg["weights"])
+        model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
+        device = resolve_device(cfg.device)
+        model = model.to(device).eval()
+        if hasattr(model, "inference_dtype"):
+            model.inference_dtype = DTYPES[cfg.dtype]
+        resolution = bench.effective_resolution(model)
+        log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s", model_cfg.get("arch"),
+                 bench.name, len(indices), len(bench), device, resolution)
+        records = bench.evaluate_pairs(model, indices, progress=cfg.progress)
+        metrics = bench.compute_metrics(records)
     result = {
         "benchmark": bench.name,
         "metrics": metrics,
-        "protocol": OmegaConf.to_container(cfg.benchmark, resolve=True),
+        "protocol": OmegaConf.to_container(cfg.benchmark, resolve=True) | {"effective_resolution": resolution},
         "model": model_cfg,
         "checkpoint": None if cfg.ckpt is None else str(cfg.ckpt),
         "checkpoint_sha256": ckpt_hash,
         "seed": cfg.seed,
-        "device": str(device),
+        "device": None if device is None else str(device),
         "dtype": cfg.dtype,
         "limit": cfg.limit,
+        "subset": OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset"),
+        "shard": cfg.get("shard"),
+        "merged_from": [str(d) for d in cfg.merge] if cfg.get("merge") else None,
+        "num_pairs_in_benchmark": len(bench),
     }
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
+    (out_dir / "records.json").write_text(json.dumps(records, default=_json_default))
     write_records_csv(records, out_dir / "pairs.csv")
     print(summary_table(f"{bench.name} ({len(records)} pairs, {metrics['num_failed']} failed)", metrics))
     print(f"metrics: {out_dir / 'metrics.json'}\nper pair: {out_dir / 'pairs.csv'}")
     return metrics
+
+
+def _json_default(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return str(v)

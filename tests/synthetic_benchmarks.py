@@ -133,9 +133,26 @@ def make_scannet(root: Path, n_pairs=3, hw=(480, 640), seed=0, oracle: OracleMat
     return root
 
 
+def rotate_points(p: np.ndarray, hw, n: int) -> np.ndarray:
+    """Pixel points (corner frame) of an ``h x w`` image -> the image ``PIL.rotate(90 n, expand=True)``
+    (counter-clockwise) makes of it."""
+    h, w = hw
+    u, v = p[:, 0], p[:, 1]
+    n %= 4
+    if n == 0:
+        return p
+    if n == 1:
+        return np.c_[v, w - u]
+    if n == 2:
+        return np.c_[w - u, h - v]
+    return np.c_[h - v, u]
+
+
 def make_yfcc(root: Path, pairs_per_scene=2, hw=(360, 480), seed=0, scenes=("buckingham_palace", "notre_dame_front_facade",
-              "reichstag", "sacre_coeur"), oracle: OracleMatcher | None = None):
-    """OANet/SuperGlue YFCC test layout with h5 calibrations (bundler: principal point at the centre)."""
+              "reichstag", "sacre_coeur"), oracle: OracleMatcher | None = None, rotations=None):
+    """OANet/SuperGlue YFCC test layout with h5 calibrations (bundler: principal point at the centre).
+    ``rotations[j] = (r1, r2)``: the flags written for pair ``j`` of every scene (default 0 0); the
+    oracle then matches the rotated images, as the benchmark shows them to a matcher."""
     rng = np.random.default_rng(seed)
     h, w = hw
     meta = []
@@ -163,10 +180,13 @@ def make_yfcc(root: Path, pairs_per_scene=2, hw=(360, 480), seed=0, scenes=("buc
                 images.append(f"images/{name}.jpg")
                 calibs.append(f"calibration/calibration_{name}.h5")
                 ims.append(Image.open(d / "images" / f"{name}.jpg"))
+            r1, r2 = rotations[j] if rotations is not None else (0, 0)
             pairs.append((len(images) - 2, len(images) - 1))
-            meta.append(f"{images[-2]} {images[-1]} 0 0")
+            meta.append(f"{images[-2]} {images[-1]} {r1} {r2}")
             if oracle is not None:  # centred coordinates + W/2 = the 0.5-centre pixel frame
-                oracle.register(ims[0], ims[1], _project(X, R1, t1, Kc), _project(X, R2, t2, Kc))
+                oracle.register(ims[0].rotate(90 * r1, expand=True), ims[1].rotate(90 * r2, expand=True),
+                                rotate_points(_project(X, R1, t1, Kc), hw, r1),
+                                rotate_points(_project(X, R2, t2, Kc), hw, r2))
         (d / "images.txt").write_text("\n".join(images) + "\n")
         (d / "calibration.txt").write_text("\n".join(calibs) + "\n")
         with open(root / "pairs" / f"{scene}-te-1000-pairs.pkl", "wb") as fp:
