@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
+from PIL import Image
 
 from dkm.benchmarks import HpatchesHomogBenchmark, Megadepth1500Benchmark, ScanNetBenchmark, Yfcc100mBenchmark
 from dkm.evaluation import build_benchmark
@@ -159,50 +160,11 @@ def test_sift_on_real_hpatches(realdata_dir):
     if not (root / "hpatches-sequences-release").exists():
         pytest.skip("no real HPatches sequences in ../shared/realdata")
     bench = HpatchesHomogBenchmark(root, **protocol("hpatches"))
-    metrics, records = bench.run(SiftMatcher(), progress=False)
-    assert metrics["num_pairs"] == 10
+    metrics, records = bench.run(SiftMatcher(num_features=3000), progress=False)
+    assert metrics["num_pairs"] == 10 and metrics["num_failed"] == 0
     errors = {r["pair_id"]: r["corner_error"] for r in records}
-    # SIFT solves the easy real pairs to a few pixels (see realdata/README.md)
-    assert sum(e < 5 for e in errors.values()) >= 6, errors
-    assert 30 < metrics["auc@10"] < 100
-
-
-def test_yfcc_rotation_flags_rotate_images_and_intrinsics_consistently(tmp_path):
-    """Flags 1, 2, 3: PIL's counter-clockwise rotation and K -> R90^n K agree (exact matches on the
-    rotated images give the true pose), as in the release."""
-    oracle = OracleMatcher(center=0.5)
-    rots = [(1, 0), (0, 3), (2, 1)]
-    root = make_yfcc(tmp_path, pairs_per_scene=3, scenes=("reichstag",), oracle=oracle, rotations=rots)
-    bench = Yfcc100mBenchmark(root, **(protocol("yfcc") | {"scenes": ["reichstag"]}))
-    assert [(p["rot1"], p["rot2"]) for p in bench.pairs()] == rots
-    im1, im2 = bench.pair_images(bench.pairs()[0])
-    assert im1.size == (360, 480) and im2.size == (480, 360)  # rotated by 90 degrees, expanded
-    metrics, records = bench.run(oracle, progress=False)
-    assert all(max(r["e_pose"]) < 0.05 for r in records), records
-    assert metrics["auc@5"] > 99
-
-
-class _ResolutionSpy(OracleMatcher):
-    """A dense-matcher stand-in with ``h_resized``/``w_resized``: records them at match time."""
-
-    def __init__(self, center):
-        super().__init__(center)
-        self.h_resized, self.w_resized, self.seen = 384, 512, []
-
-    def match_sparse(self, im1, im2):
-        self.seen.append((self.h_resized, self.w_resized))
-        return super().match_sparse(im1, im2)
-
-
-def test_protocol_resolution_is_applied_and_restored(hpatches_oracle):
-    root, oracle = hpatches_oracle
-    spy = _ResolutionSpy(center=0.0)
-    spy.table = oracle.table
-    bench = HpatchesHomogBenchmark(root, **(protocol("hpatches") | {"center": 0.0, "resolution": [96, 128]}))
-    assert bench.effective_resolution(spy) == (96, 128) and bench.effective_resolution(SiftMatcher()) is None
-    bench.evaluate_pairs(spy, [0, 1], progress=False)
-    assert spy.seen == [(96, 128)] * 2 and (spy.h_resized, spy.w_resized) == (384, 512)
-    HpatchesHomogBenchmark(root, **(protocol("hpatches") | {"center": 0.0})).evaluate_pairs(spy, [0], progress=False)
-    assert spy.seen[-1] == (384, 512)  # null: the model's own
-    with pytest.raises(IndexError, match="out of range"):
-        bench.evaluate_pairs(spy, [10])
+    # realdata/README.md: SIFT + RANSAC reaches 0.2-11 px on 9 pairs and fails on v_dogman 1-6
+    assert errors.pop("v_dogman/1-6") > 30, errors
+    assert all(e < 12 for e in errors.values()) and errors["v_boat/1-2"] < 1, errors
+    assert sum(e < 3 for e in errors.values()) >= 6, errors
+    assert 55 < metrics["auc@10"] < 85 and all(r["inliers"] >= 10 for r in records)
