@@ -13,29 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-from omegaconf import OmegaConf
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def check_benchmark(name: str, root: str) -> list[str]:
-    from dkm.evaluation import build_benchmark
+    from dkm.benchmarks.check import check_tree
 
-    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "benchmark" / f"{name}.yaml"))
-    try:
-        bench = build_benchmark(cfg, root)
-    except FileNotFoundError as e:
-        return [line.strip() for line in str(e).splitlines()[1:] if line.strip() and not line.startswith("See")]
-    problems = []
-    for pair in bench.pairs():
-        try:
-            for im in bench.pair_images(pair):
-                im.close()
-        except (FileNotFoundError, OSError, KeyError) as e:
-            problems.append(f"{bench.pair_id(pair)}: {getattr(e, 'filename', None) or e}")
-    print(f"{name}: {len(bench)} pairs listed, {len(problems)} with missing or unreadable files")
+    n, problems = check_tree(name, root)
+    print(f"{name}: {n} pairs listed, {len(problems)} with missing or unreadable files")
     return problems
 
 

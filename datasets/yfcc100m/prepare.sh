@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Assemble the YFCC100M test tree the yfcc benchmark reads, at <root> (default data/yfcc100m_test):
+#   1. OANet's "raw_data" archive (nine parts raw_data.tar.000 .. .008 on research.altizure.com, the
+#      host OANet's README points to) holds yfcc100m/<scene>/test/ and pairs/<scene>-te-1000-pairs.pkl;
+#   2. SuperGlue's assets/yfcc_test_pairs_with_gt.txt (one line per pair, rotation flags in columns 3-4).
+# If you already have OANet's raw_data, pass it as the second argument and nothing is downloaded for it:
+#   bash datasets/yfcc100m/prepare.sh data/yfcc100m_test /path/to/raw_data
+set -euo pipefail
+root="${1:-data/yfcc100m_test}"
+raw="${2:-}"
+mkdir -p "$root"
+if [ -z "$raw" ] && [ ! -d "$root/yfcc100m" ]; then
+  tmp="$root/.download"
+  mkdir -p "$tmp"
+  for i in 000 001 002 003 004 005 006 007 008; do
+    curl -L --fail -C - -o "$tmp/raw_data.tar.$i" "http://research.altizure.com/data/oanet_data/raw_data.tar.$i"
+  done
+  cat "$tmp"/raw_data.tar.0* | tar -xzf - -C "$tmp"
+  raw="$tmp/raw_data"
+fi
+if [ -n "$raw" ]; then
+  for d in yfcc100m pairs; do
+    [ -e "$root/$d" ] || mv "$raw/$d" "$root/$d" 2>/dev/null || ln -s "$(cd "$raw/$d" && pwd)" "$root/$d"
+  done
+fi
+rm -rf "$root/.download"
+if [ ! -f "$root/yfcc_test_pairs_with_gt.txt" ]; then
+  curl -L --fail -o "$root/yfcc_test_pairs_with_gt.txt" \
+    "https://raw.githubusercontent.com/magicleap/SuperGluePretrainedNetwork/master/assets/yfcc_test_pairs_with_gt.txt"
+fi
+python -m dkm.benchmarks.check yfcc "$root"

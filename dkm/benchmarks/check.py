@@ -1,0 +1,57 @@
+"""Report what is missing in a benchmark tree before a long run finds out.
+
+    python -m dkm.benchmarks.check hpatches data/hpatches
+    python -m dkm.benchmarks.check scannet data/scannet
+    python -m dkm.benchmarks.check yfcc data/yfcc100m_test
+    python -m dkm.benchmarks.check megadepth1500 data/megadepth
+
+Lists the missing index files first (the benchmark refuses to start without them), then opens every
+image of every pair and lists those missing or unreadable. Exit status 0 when complete, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import BENCHMARKS
+
+
+def check_tree(name: str, root, open_images: bool = True) -> tuple[int, list[str]]:
+    """``(number of pairs listed, problems)`` of the benchmark ``name`` at ``root``."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
+    try:
+        bench = BENCHMARKS[name](root)
+    except FileNotFoundError as e:
+        return 0, [line.strip() for line in str(e).splitlines()[1:] if line.strip() and not line.startswith("See")]
+    except (ValueError, KeyError, OSError) as e:  # index files present but malformed
+        return 0, [f"{type(e).__name__}: {e}"]
+    problems = []
+    for pair in bench.pairs() if open_images else ():
+        try:
+            for im in bench.pair_images(pair):
+                im.load()
+                im.close()
+        except (FileNotFoundError, OSError, KeyError, ValueError) as e:
+            problems.append(f"{bench.pair_id(pair)}: {getattr(e, 'filename', None) or e}")
+    return len(bench), problems
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("name", choices=sorted(BENCHMARKS))
+    p.add_argument("root")
+    p.add_argument("--no-images", action="store_true", help="check the index files only")
+    a = p.parse_args(argv)
+    n, problems = check_tree(a.name, a.root, open_images=not a.no_images)
+    print(f"{a.name} at {a.root}: {n} pairs listed, {len(problems)} problems")
+    for line in problems[:200]:
+        print("missing:", line)
+    if len(problems) > 200:
+        print(f"... and {len(problems) - 200} more")
+    print("OK" if not problems else f"INCOMPLETE: {len(problems)} problems")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
