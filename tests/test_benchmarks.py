@@ -168,3 +168,35 @@ def test_sift_on_real_hpatches(realdata_dir):
     assert all(e < 12 for e in errors.values()) and errors["v_boat/1-2"] < 1, errors
     assert sum(e < 3 for e in errors.values()) >= 6, errors
     assert 55 < metrics["auc@10"] < 85 and all(r["inliers"] >= 10 for r in records)
+
+
+@pytest.mark.parametrize("name", ["hpatches", "scannet", "yfcc", "megadepth1500"])
+def test_python_api_defaults_are_the_config_protocols(tmp_path, name):
+    """``Benchmark(root)`` from Python (the original entry points) runs exactly conf/benchmark/<name>.yaml."""
+    import inspect
+
+    from dkm.benchmarks import BENCHMARKS
+
+    maker = {"hpatches": make_hpatches, "scannet": make_scannet, "yfcc": make_yfcc,
+             "megadepth1500": make_megadepth1500}[name]
+    root = maker(tmp_path)
+    a = BENCHMARKS[name](root)
+    b = BENCHMARKS[name](root, **protocol(name))
+    skip = {"_pairs", "last_records", "data_root"}
+    assert {k: v for k, v in vars(a).items() if k not in skip} == {k: v for k, v in vars(b).items() if k not in skip}
+    assert len(a) == len(b) > 0 and len(protocol(name)) > 5
+    # every protocol key in the config is a constructor argument somewhere in the class hierarchy
+    params = set().union(*(inspect.signature(c.__init__).parameters for c in type(a).__mro__ if "__init__" in vars(c)))
+    assert set(protocol(name)) <= params
+
+
+def test_check_command_lists_missing_images(tmp_path):
+    from dkm.benchmarks.check import check_tree
+
+    root = make_scannet(tmp_path, n_pairs=2)
+    assert check_tree("scannet", root) == (2, [])
+    victim = next((root / "scans_test").glob("scene0707_00/color/*.jpg"))
+    victim.unlink()
+    n, problems = check_tree("scannet", root)
+    assert n == 2 and len(problems) == 1 and victim.name in problems[0]
+    assert check_tree("yfcc", tmp_path / "none")[1][0].endswith("yfcc_test_pairs_with_gt.txt")

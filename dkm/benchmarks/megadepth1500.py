@@ -17,9 +17,14 @@ class Megadepth1500Benchmark(RelativePoseBenchmark):
 
     name = "megadepth1500"
 
-    def __init__(self, data_root, *, scene_names=SCENE_INFOS, **kw):
+    #: the later DKM release's MegaDepth-1500 protocol (= conf/benchmark/megadepth1500.yaml)
+    PROTOCOL = {"num_samples": 5000, "center": 0.5, "scale_side": "long", "scale_to": 1200.0,
+                "threshold_px": 0.5, "threshold_norm": "mean_abs", "ransac_conf": 0.99999, "ransac_repeats": 5,
+                "shuffle_repeats": True}
+
+    def __init__(self, data_root="data/megadepth", *, scene_names=SCENE_INFOS, **kw):
         self.scene_names = list(scene_names)
-        super().__init__(data_root, **kw)
+        super().__init__(data_root, **(self.PROTOCOL | kw))
 
     def required_paths(self):
         return [self.data_root / s for s in self.scene_names]

@@ -23,6 +23,9 @@ class ScanNetBenchmark(RelativePoseBenchmark):
 
     name = "scannet"
 
+    def __init__(self, data_root="data/scannet", **kw):
+        super().__init__(data_root, **kw)  # RelativePoseBenchmark's defaults are the v11 ScanNet protocol
+
     def required_paths(self):
         return [self.data_root / "test.npz", self.data_root / "scans_test"]
 

@@ -34,9 +34,12 @@ class Yfcc100mBenchmark(RelativePoseBenchmark):
 
     name = "yfcc"
 
-    def __init__(self, data_root, *, scenes=SCENES, **kw):
+    #: the v11 release's YFCC protocol (= conf/benchmark/yfcc.yaml), where it differs from ScanNet's
+    PROTOCOL = {"num_samples": 20000, "center": 0.5, "principal_point": "image_center"}
+
+    def __init__(self, data_root="data/yfcc100m_test", *, scenes=SCENES, **kw):
         self.scenes = list(scenes)
-        super().__init__(data_root, **kw)
+        super().__init__(data_root, **(self.PROTOCOL | kw))
 
     def scene_dir(self, scene):
         return self.data_root / "yfcc100m" / scene / "test"
