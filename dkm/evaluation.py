@@ -133,6 +133,8 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             model_cfg["weights"] = str(cfg.ckpt)
         if model_cfg.get("weights"):
             ckpt_hash = sha256_file(model_cfg["weights"])
+        elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
+            log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
         model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
         device = resolve_device(cfg.device)
         model = model.to(device).eval()
