@@ -61,9 +61,12 @@ def write_records_csv(records: list[dict], path) -> None:
 
 
 def summary_table(name: str, metrics: dict) -> str:
+    """A two-line table (metric names over values), ``@`` metrics first."""
     keys = [k for k in metrics if "@" in k] + [k for k in metrics if "@" not in k]
-    head = " | ".join(f"{k:>10}" for k in keys)
-    vals = " | ".join(f"{metrics[k]:>10.2f}" if isinstance(metrics[k], float) else f"{metrics[k]:>10}" for k in keys)
+    cells = [f"{metrics[k]:.2f}" if isinstance(metrics[k], float) else str(metrics[k]) for k in keys]
+    widths = [max(len(k), len(c), 8) for k, c in zip(keys, cells)]
+    head = " | ".join(k.rjust(w) for k, w in zip(keys, widths))
+    vals = " | ".join(c.rjust(w) for c, w in zip(cells, widths))
     return f"{name}\n{head}\n{vals}"
 
 
