@@ -28,6 +28,14 @@ def realdata_dir() -> Path:
     return _require(SHARED / "realdata", "real data folder")
 
 
+def load_npz(fixtures_dir: Path, name: str) -> dict:
+    """A fixture archive from ``shared/fixtures`` as a dict; skips the test if it is absent."""
+    import numpy as np
+
+    path = _require(fixtures_dir / name, f"fixture {name}")
+    return dict(np.load(path))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     import torch

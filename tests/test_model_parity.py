@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import load_npz
 import torch
 from PIL import Image
 
@@ -22,10 +23,7 @@ def keys(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def ref(fixtures_dir):
-    path = fixtures_dir / "dkm_v11_parity.npz"
-    if not path.exists():
-        pytest.skip(f"parity fixture {path} is absent")
-    return dict(np.load(path))
+    return load_npz(fixtures_dir, "dkm_v11_parity.npz")
 
 
 @pytest.fixture(scope="module")

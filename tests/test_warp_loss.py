@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import load_npz
 import torch
 
 from dkm.geometry.coords import normalized_grid
@@ -12,10 +13,7 @@ from dkm.losses import DKMLoss
 
 @pytest.fixture(scope="module")
 def geo(fixtures_dir):
-    path = fixtures_dir / "geometry_parity.npz"
-    if not path.exists():
-        pytest.skip(f"geometry fixture {path} is absent")
-    return dict(np.load(path))
+    return load_npz(fixtures_dir, "geometry_parity.npz")
 
 
 @pytest.mark.parametrize("dtype,prefix", [(torch.float64, "wk_"), (torch.float32, "wk32_")])
