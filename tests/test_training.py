@@ -14,13 +14,18 @@ from dkm.data.megadepth import build_megadepth, scene_weights
 from dkm.data.samplers import WeightedEpochSampler
 from dkm.data.scannet import build_scannet
 from dkm.geometry.warp import gt_warp
-from dkm.lightning.checkpoint_io import AtomicCheckpointIO, export_weights
+from dkm.lightning.checkpoint_io import AtomicCheckpointIO
+from dkm.lightning.export import main as export_main
 from dkm.lightning.module import DKMLightningModule
 from dkm.losses import DKMLoss
 from synthetic_scenes import make_megadepth_scene, make_scannet_scene
 
+#: dkm_small's code with the narrowest decoder and refiners it allows (depthwise refiners need hidden
+#: widths that are multiples of their input width): one training step takes ~0.2 s on 2 cores.
+TINY_ARCH = {"proj_dim": 32, "gp_dim": 32, "feat_dim": 32, "dfn_dim": 64,
+             "refiner_hidden": {16: 64, 8: 256, 4: 128, 2: 128, 1: 12}, "refiner_blocks": 1}
 TINY = {"arch": "dkm_small", "h": 64, "w": 96, "fast": True, "weights": None, "pretrained": False,
-        "backbone_weights": None}
+        "backbone_weights": None, **TINY_ARCH}
 
 
 def photo_error(batch, shift_px: float = 0.0) -> float:
@@ -88,13 +93,13 @@ def test_weighted_sampler_is_rank_consistent_and_disjoint():
 
 def test_a_few_steps_reduce_the_loss():
     torch.manual_seed(0)
-    model = dkm_small(h=64, w=96).train()
+    model = dkm_small(h=64, w=96, **TINY_ARCH).train()
     ds = SyntheticHomographyDataset(skimage_images(["astronaut", "coffee"]), h=64, w=96, length=2, seed=3)
     batch = collate([ds[0], ds[1]])
     loss_fn = DKMLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     losses = []
-    for _ in range(12):
+    for _ in range(15):
         total, _ = loss_fn(model(batch), batch)
         opt.zero_grad()
         total.backward()
@@ -139,7 +144,92 @@ def test_lightning_fit_resume_and_export(tmp_path):
     assert trainer2.lr_scheduler_configs[0].scheduler.last_epoch == 5
     # export to the upstream layout and load it through the zoo
     out = tmp_path / "exported.pth"
-    export_weights(tmp_path / "ck" / "last.ckpt", out)
-    loaded = dkm_small(h=64, w=96, weights=out)
+    export_main([str(tmp_path / "ck" / "last.ckpt"), str(out)])
+    sd = torch.load(out, weights_only=True)
+    assert not any(k.startswith("model.") for k in sd) and set(sd) == set(module2.model.state_dict())
+    loaded = dkm_small(h=64, w=96, weights=out, **TINY_ARCH)
     for k, v in module2.model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+def test_scene_info_npz_partial_tree_and_depth_interpolation(tmp_path):
+    root = make_megadepth_scene(tmp_path / "mega", n_pairs=2)
+    info = np.load(root / "prep_scene_info" / "0001.npy", allow_pickle=True).item()
+    (root / "prep_scene_info" / "0001.npy").unlink()
+    np.savez(root / "prep_scene_info" / "0001.npz", **info)  # the same scene info as .npz
+    for mode in ("bilinear", "nearest"):
+        ds = build_megadepth(root, exclude_scenes=(), h=96, w=128, depth_interpolation=mode)
+        err, frac = photo_error(collate([ds[0], ds[1]]))
+        assert frac > 0.3 and err < 0.15, (mode, err, frac)
+    assert len(ds) == 4  # 2 pairs x 2 overlap bands
+    with pytest.raises(FileNotFoundError, match="no training scene infos"):
+        build_megadepth(root, exclude_scenes=("0001",))  # the held-out list is honoured
+    # a partial tree (one scene's depth folder never extracted) fails at setup, naming the folder
+    import shutil
+
+    depth_dir = root / ds.datasets[0].depth_paths[0]
+    shutil.rmtree(depth_dir.parent)
+    with pytest.raises(FileNotFoundError, match=str(depth_dir.parent.name)):
+        build_megadepth(root, exclude_scenes=())
+    sroot = make_scannet_scene(tmp_path / "scannet", n_pairs=2)
+    (sroot / "scans" / "scans_train" / "scene0000_00" / "pose" / "10.txt").unlink()
+    build_scannet(sroot)  # the pose folder still exists: "dirs" passes...
+    with pytest.raises(FileNotFoundError, match="10.txt"):
+        build_scannet(sroot, check="all")  # ... "all" names the missing file
+
+
+def test_indoor_recipe_alternates_sources_and_weights_the_bce(tmp_path):
+    mroot, sroot = make_megadepth_scene(tmp_path / "mega"), make_scannet_scene(tmp_path / "scannet")
+    dm = DKMDataModule([{"kind": "megadepth", "data_root": str(mroot), "exclude_scenes": []},
+                        {"kind": "scannet", "data_root": str(sroot)}], h=64, w=96, batch_size=1,
+                       samples_per_epoch=4, num_workers=0, persistent_workers=False)
+    dm.setup("fit")
+    sources = [b["source"][0] for b in dm.train_dataloader()]
+    assert sources == ["megadepth", "scannet", "megadepth", "scannet"]
+    module = DKMLightningModule(TINY, {"ce_weight": 0.01, "ce_weight_by_source": {"scannet": 0.0}},
+                                {"lr_encoder": 1e-4, "lr_decoder": 1e-4}, log_images_every_n_steps=0)
+    batch = next(iter(dm.train_dataloader()))
+    out = {1: {"dense_flow": torch.zeros(1, 2, 8, 12), "dense_certainty": torch.full((1, 1, 8, 12), 3.0)}}
+    seen = []
+    module.loss.register_forward_hook(lambda m, i, o: seen.append(m.ce_weight))
+    del module.model
+    module.model = lambda b: out  # only the loss weighting is under test here
+    module.log = module.log_dict = lambda *a, **k: None
+    for src in ("megadepth", "scannet"):
+        module._t_last = None
+        module.training_step(batch | {"source": [src]}, 0)
+    assert seen == [0.01, 0.0] and module.loss.ce_weight == 0.01
+
+
+def test_hydra_configs_compose_with_the_recipe_values():
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        base = compose("train")
+        quick = compose("train", overrides=["experiment=quickstart"])
+        indoor = compose("train", overrides=["experiment=indoor"])
+    assert base.optim.lr_encoder == 5e-6 and base.optim.lr_decoder == 1e-4 and base.optim.weight_decay == 0.01
+    assert base.loss.ce_weight == 0.01 and base.data.module.batch_size == 8 and base.optim.gamma == 0.2
+    assert int(base.optim.milestones[0] * base.trainer.max_steps) == 2 * base.trainer.max_steps // 3
+    assert base.logger.kind == "wandb" and base.seed == 0
+    assert OmegaConf.to_container(quick, resolve=True)["data"]["module"]["h"] == quick.model.h
+    assert quick.model.arch == "dkm_small" and quick.trainer.accelerator == "cpu" and quick.final_eval is not None
+    assert [s.kind for s in indoor.data.module.sources] == ["megadepth", "scannet"]
+    assert dict(indoor.loss.ce_weight_by_source) == {"scannet": 0.0}
+
+
+def test_wandb_goes_offline_by_itself(tmp_path, monkeypatch, caplog):
+    from dkm.lightning.loggers import build_logger
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with caplog.at_level("WARNING", logger="dkm.lightning.loggers"):
+        logger = build_logger({"kind": "wandb", "project": "dkm", "name": "t"}, tmp_path)
+    assert logger._offline
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "offline" in lines[0] and "\n" not in lines[0]

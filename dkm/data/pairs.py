@@ -20,9 +20,21 @@ def open_image(path) -> Image.Image:
         raise OSError(f"corrupt or unreadable training image {path}: {e}") from e
 
 
-def resize_depth(depth: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(H, W) depth -> (h, w), nearest neighbour (never mixes valid and invalid depths)."""
-    return F.interpolate(depth[None, None], size=(h, w), mode="nearest")[0, 0]
+DEPTH_INTERPOLATIONS = ("bilinear", "nearest")
+
+
+def resize_depth(depth: torch.Tensor, h: int, w: int, mode: str = "bilinear") -> torch.Tensor:
+    """(H, W) depth -> (h, w).
+
+    ``mode="bilinear"`` is the published recipe (torchvision ``Resize`` on a tensor, no antialiasing):
+    near holes it blends valid depths with the zeros of invalid pixels, and the depth-consistency
+    test of :func:`~dkm.geometry.warp.warp_kpts` rejects most of those blends. ``"nearest"`` never
+    mixes valid and invalid depths.
+    """
+    if mode not in DEPTH_INTERPOLATIONS:
+        raise ValueError(f"depth_interpolation must be one of {DEPTH_INTERPOLATIONS}, got {mode!r}")
+    kw = {"align_corners": False, "antialias": False} if mode == "bilinear" else {}
+    return F.interpolate(depth[None, None].float(), size=(h, w), mode=mode, **kw)[0, 0]
 
 
 def scale_intrinsics(K: np.ndarray, sx: float, sy: float) -> torch.Tensor:
@@ -43,15 +55,16 @@ def shift_image(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
 
 def make_depth_pair(im1: Image.Image, im2: Image.Image, depth1: torch.Tensor, depth2: torch.Tensor,
                     K1, K2, T_1to2, h: int, w: int, shake_t: int = 0, rng: np.random.Generator | None = None,
-                    rot_prob: float = 0.0) -> dict:
-    """Resize images (bicubic), depths (nearest) and intrinsics to ``h x w``; then the recipe's
+                    rot_prob: float = 0.0, depth_interpolation: str = "bilinear") -> dict:
+    """Resize images (bicubic), depths (``depth_interpolation``, see :func:`resize_depth`) and
+    intrinsics to ``h x w``; then the recipe's
     "shake": both images and depths translated by the same random ``t`` in ``[-shake_t, shake_t]^2``
     pixels, with the principal points moved along; optionally an in-plane rotation of the query
     (kornia, probability ``rot_prob``) folded into ``K1``."""
     K1 = scale_intrinsics(K1, w / im1.width, h / im1.height)
     K2 = scale_intrinsics(K2, w / im2.width, h / im2.height)
     q, s = pil_to_tensor(im1, (h, w)), pil_to_tensor(im2, (h, w))
-    d1, d2 = resize_depth(depth1, h, w), resize_depth(depth2, h, w)
+    d1, d2 = resize_depth(depth1, h, w, depth_interpolation), resize_depth(depth2, h, w, depth_interpolation)
     if shake_t > 0:
         rng = rng or np.random.default_rng()
         dx, dy = (int(v) for v in rng.integers(-shake_t, shake_t + 1, size=2))

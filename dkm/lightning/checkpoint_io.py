@@ -1,7 +1,6 @@
 """Checkpoint writing that never leaves a truncated file, and export to the upstream .pth layout."""
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -49,15 +48,7 @@ def export_weights(ckpt_path, out_path) -> dict:
     return weights
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description="Export a Lightning checkpoint to the upstream DKM .pth layout.")
-    p.add_argument("ckpt")
-    p.add_argument("out")
-    a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    w = export_weights(a.ckpt, a.out)
-    log.info("wrote %d tensors to %s", len(w), a.out)
+if __name__ == "__main__":  # kept for old command lines; the CLI is dkm.lightning.export
+    from .export import main
 
-
-if __name__ == "__main__":
     main()

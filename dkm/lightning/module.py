@@ -37,6 +37,7 @@ class DKMLightningModule(pl.LightningModule):
         self.log_images_every_n_steps = log_images_every_n_steps
         self._t_last = None
         self.loss_history: list[torch.Tensor] = []  # per-step training loss (detached), for reports
+        self.ema_decay, self.loss_ema = 0.99, None
 
     def forward(self, batch: dict) -> dict:
         return self.model(batch)
@@ -55,6 +56,11 @@ class DKMLightningModule(pl.LightningModule):
         b = batch["query"].shape[0]
         self.loss_history.append(total.detach())
         self.log("train/loss", total, prog_bar=True, batch_size=b, on_step=True, on_epoch=True, sync_dist=True)
+        # a smoothed training loss (EMA, half-life ~70 steps): a steadier "best" than the raw loss when no
+        # benchmark callback is configured (the quickstart monitors it)
+        value = float(total.detach())
+        self.loss_ema = value if self.loss_ema is None else self.ema_decay * self.loss_ema + (1 - self.ema_decay) * value
+        self.log("train/loss_ema", self.loss_ema, batch_size=b, on_step=True, on_epoch=False, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=b, on_step=True, on_epoch=False)
         now = time.perf_counter()
         if self._t_last is not None:
@@ -74,6 +80,12 @@ class DKMLightningModule(pl.LightningModule):
         img = warp_panel(batch["query"][0], batch["support"][0], flow[0], cert[0], gt[0].float(), valid[0])
         caption = "query | support | support warped by prediction x certainty | certainty | by ground truth"
         log_warp_image(self.logger, "train/warp", img, self.global_step, caption)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["dkm_loss_ema"] = self.loss_ema
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.loss_ema = checkpoint.get("dkm_loss_ema")
 
     def configure_optimizers(self):
         o = self.optim
