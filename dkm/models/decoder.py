@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import normalized_grid
+from .local_correlation import local_correlation
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -96,13 +97,22 @@ class ConvRefiner(nn.Module):
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int = 3, kernel_size: int = 5,
-                 dw: bool = True, hidden_blocks: int = 8):
+                 dw: bool = True, hidden_blocks: int = 8, displacement_emb_dim: int | None = None,
+                 local_corr_radius: int | None = None, corr_chunk: int | None = None):
         super().__init__()
         self.block1 = self._block(in_dim, hidden_dim, kernel_size, dw)
         self.hidden_blocks = nn.Sequential(
             *[self._block(hidden_dim, hidden_dim, kernel_size, dw) for _ in range(hidden_blocks)]
         )
         self.out_conv = nn.Conv2d(hidden_dim, out_dim, 1)
+        # DKMv3: an embedding of the current displacement and a local correlation volume around the
+        # current match are appended to the refiner's input.
+        self.disp_emb = nn.Conv2d(2, displacement_emb_dim, 1) if displacement_emb_dim else None
+        if local_corr_radius and not displacement_emb_dim:
+            raise ValueError("local_corr_radius needs displacement_emb_dim (the DKMv3 refiner layout)")
+        self.local_corr_radius = local_corr_radius or None
+        #: window offsets per grid_sample call of the fast path's local correlation (bounds its memory)
+        self.corr_chunk = corr_chunk
 
     @staticmethod
     def _block(in_dim, out_dim, kernel_size, dw):
@@ -123,13 +133,33 @@ class ConvRefiner(nn.Module):
         """
         with torch.no_grad():  # gradients through grid_sample were unstable in the original work
             y_warped = F.grid_sample(y.to(flow.dtype), flow.permute(0, 2, 3, 1), mode="bilinear", align_corners=False)
-        d = torch.cat((x.to(y_warped.dtype), y_warped), dim=1)
+        if self.disp_emb is None:  # v11
+            d = torch.cat((x.to(y_warped.dtype), y_warped), dim=1)
+        else:  # DKMv3: [x, warped y, displacement embedding, local correlation]
+            d = torch.cat((x.to(y_warped.dtype), y_warped, *self._v3_inputs(x, y, flow, fast)), dim=1)
         if fast and not self.training:
             d = self._blocks_folded(d.contiguous(memory_format=torch.channels_last))
         else:
             d = self.hidden_blocks(self.block1(d))
         d = self.out_conv(d).to(flow.dtype)
         return d[:, :-2], d[:, -2:]
+
+    def _v3_inputs(self, x: torch.Tensor, y: torch.Tensor, flow: torch.Tensor, fast: bool) -> list:
+        """DKMv3's extra refiner inputs, in float32: the embedding (B, E, h, w) of the displacement
+        ``flow - own position`` and, if configured, the local correlation (B, (2r+1)^2, h, w) of ``x``
+        with ``y`` around the flow target (outside autocast; the fast path samples the window in
+        chunks of offsets instead of one (B, C, h, w, (2r+1)^2) tensor)."""
+        b, _, h, w = x.shape
+        grid = normalized_grid(h, w, device=flow.device, dtype=flow.dtype, batch=b).permute(0, 3, 1, 2)
+        with torch.autocast(x.device.type, enabled=False):
+            parts = [self.disp_emb((flow - grid).to(self.disp_emb.weight.dtype)).to(flow.dtype)]
+            if self.local_corr_radius:
+                chunk = None
+                if fast and not self.training:
+                    chunk = self.corr_chunk or 2 * self.local_corr_radius + 1
+                parts.append(local_correlation(x.to(flow.dtype), y.to(flow.dtype), self.local_corr_radius,
+                                               flow=flow, chunk=chunk))
+        return parts
 
     def _blocks_folded(self, d: torch.Tensor) -> torch.Tensor:
         """The blocks with eval-mode BatchNorm folded into the preceding conv (a few kB of weights
@@ -154,6 +184,7 @@ class Decoder(nn.Module):
     """
 
     SCALES = (32, 16, 8, 4, 2, 1)
+    UPSAMPLE_SCALES = (8, 4, 2, 1)
 
     def __init__(self, embedding_decoder: EmbeddingDecoder, gps: nn.ModuleDict, proj: nn.ModuleDict,
                  conv_refiner: nn.ModuleDict, detach: bool = True):
@@ -164,7 +195,8 @@ class Decoder(nn.Module):
         self.conv_refiner = conv_refiner
         self.detach = detach
 
-    def forward(self, f_q: dict, f_s: dict, fast: bool = False, refine_dtype: torch.dtype | None = None) -> dict:
+    def forward(self, f_q: dict, f_s: dict, fast: bool = False, refine_dtype: torch.dtype | None = None,
+                upsample: bool = False, flow: torch.Tensor | None = None, certainty: torch.Tensor | None = None) -> dict:
         """Feature pyramids ``{stride: (B, C, H/stride, W/stride)}`` -> ``{stride: {"dense_flow":
         (B, 2, h, w), "dense_certainty": (B, 1, h, w)}}`` (flow in normalized support coordinates,
         certainty as logits; float32 also under autocast).
@@ -172,23 +204,32 @@ class Decoder(nn.Module):
         ``fast``: the inference fast path of the GP and refiners (same function, different rounding).
         ``refine_dtype``: run the refiners' convolutions under autocast in this dtype (bfloat16 or
         float16); the GP, the embedding decoder and all flow arithmetic stay in float32.
+        ``upsample`` (DKMv3): only the refiners at strides 8, 4, 2, 1 run, starting from ``flow``
+        (B, 2, h', w') and ``certainty`` (B, 1, h', w') logits resized to the stride-8 grid.
         """
         coarse = self.embedding_decoder.scales()
         sizes = {s: f_q[s].shape[-2:] for s in f_q}
         h, w = sizes[1]
-        b = f_q[32].shape[0]
-        ref = f_q[32]
+        scales = self.UPSAMPLE_SCALES if upsample else self.SCALES
+        ref = f_q[scales[0]]
+        b = ref.shape[0]
         dtype = torch.promote_types(ref.dtype, torch.float32)  # flow/certainty never in half precision
-        state = ref.new_zeros(b, self.embedding_decoder.internal_dim, *sizes[32])
-        flow = normalized_grid(*sizes[32], device=ref.device, dtype=dtype, batch=b).permute(0, 3, 1, 2)
-        certainty = 0.0
+        if upsample:
+            if flow is None or certainty is None:
+                raise ValueError("the upsampling pass needs the previous flow and certainty")
+            flow = F.interpolate(flow.to(dtype), size=sizes[scales[0]], mode="bilinear", align_corners=False)
+            certainty = F.interpolate(certainty.to(dtype), size=sizes[scales[0]], mode="bilinear", align_corners=False)
+        else:
+            state = ref.new_zeros(b, self.embedding_decoder.internal_dim, *sizes[32])
+            flow = normalized_grid(*sizes[32], device=ref.device, dtype=dtype, batch=b).permute(0, 3, 1, 2)
+            certainty = 0.0
         out = {}
-        for s in self.SCALES:
+        for s in scales:
             k = str(s)
             fq, fs = f_q[s], f_s[s]
             if k in self.proj:
                 fq, fs = self.proj[k](fq), self.proj[k](fs)
-            if s in coarse:
+            if s in coarse and not upsample:
                 state = F.interpolate(state, size=sizes[s], mode="bilinear", align_corners=False)
                 gp_out = self.gps[k](fq, fs, fast=fast)
                 flow, certainty, state = self.embedding_decoder(gp_out, fq, state, s)

@@ -8,6 +8,21 @@ from torch import nn
 
 from ..geometry.coords import DEFAULT_CENTER, normalized_grid, normalized_to_pixel
 from ..utils.image import check_image_tensor, load_image, normalize, pil_to_tensor, resize_tensor
+from .sampling import SAMPLE_MODES, sample_matches
+
+
+class _SampleMethod:
+    """``sample`` works on the class (``RegressionMatcher.sample(m, c, ...)``: proportional sampling,
+    as the v11 release) and on an instance (then the instance's ``sample_mode``/``sample_thresh``)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj, objtype=None):
+        import functools
+
+        return functools.wraps(self.fn)(functools.partial(self.fn, obj))
 
 
 class RegressionMatcher(nn.Module):
@@ -23,10 +38,21 @@ class RegressionMatcher(nn.Module):
             operation. Training (``forward`` in train mode) is the same either way.
         inference_batch_size: pairs per network pass in the fast path; ``None`` = 1 on CPU (large
             batches fall out of cache there) and the whole batch on accelerators.
+        symmetric: (DKMv3) :meth:`match` predicts both directions and returns them side by side.
+        upsample_preds: (DKMv3 outdoor) :meth:`match` re-runs the refiners at strides 8..1 on the
+            images resized to ``upsample_res``, starting from the first pass's prediction.
+        upsample_res: ``(H, W)`` of that pass (the release: 864 x 1152).
+        sample_mode: default mode of :meth:`sample` on this model: ``"proportional"`` (v11),
+            ``"threshold"``, ``"threshold_balanced"`` (DKMv3), ...; see :mod:`dkm.models.sampling`.
+        sample_thresh: certainty above which a match counts as certain in the threshold modes.
+        version: ``"v11"`` or ``"v3"``: which release's :meth:`match` conventions apply.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, h: int = 384, w: int = 512,
-                 fast: bool = True, inference_batch_size: int | None = None):
+                 fast: bool = True, inference_batch_size: int | None = None, *, symmetric: bool = False,
+                 upsample_preds: bool = False, upsample_res: tuple[int, int] | None = None,
+                 sample_mode: str = "proportional", sample_thresh: float = 0.05, name: str | None = None,
+                 version: str = "v11"):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -35,29 +61,57 @@ class RegressionMatcher(nn.Module):
         self.fast = fast
         self.inference_batch_size = inference_batch_size
         self.inference_dtype: torch.dtype | None = None  # default ``dtype`` of match()
+        if sample_mode not in SAMPLE_MODES:
+            raise ValueError(f"unknown sample_mode {sample_mode!r}; expected one of {SAMPLE_MODES}")
+        if upsample_preds and upsample_res is None:
+            raise ValueError("upsample_preds=True needs upsample_res=(H, W)")
+        self.symmetric = symmetric
+        self.upsample_preds = upsample_preds
+        self.upsample_res = tuple(upsample_res) if upsample_res is not None else None
+        self.sample_mode = sample_mode
+        self.sample_thresh = sample_thresh
+        self.name = name
+        if version not in ("v11", "v3"):
+            raise ValueError(f"unknown DKM version {version!r}; expected 'v11' or 'v3'")
+        self.version = version  # which release's match() post-processing applies
 
     # ------------------------------------------------------------------ network
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def extract_backbone_features(self, batch: dict) -> dict:
-        """Encode ``cat(query, support)`` in one pass: ``{stride: (2B, C, h, w)}``."""
-        return self.encoder(torch.cat((batch["query"], batch["support"])))
+    def extract_backbone_features(self, batch: dict, upsample: bool = False) -> dict:
+        """Encode ``cat(query, support)`` in one pass: ``{stride: (2B, C, h, w)}`` (strides up to 8
+        only for the upsampling pass, which uses no coarser features)."""
+        return self.encoder(torch.cat((batch["query"], batch["support"])), max_stride=8 if upsample else 32)
 
-    def forward(self, batch: dict) -> dict:
+    @staticmethod
+    def _corresps(batch: dict, upsample: bool) -> dict:
+        if not upsample:
+            return {}
+        prev = batch.get("corresps")
+        if prev is None:
+            raise ValueError('the upsampling pass needs batch["corresps"] = {"dense_flow", "dense_certainty"} '
+                             "of a first pass")
+        return {"flow": prev["dense_flow"], "certainty": prev["dense_certainty"]}
+
+    def forward(self, batch: dict, upsample: bool = False) -> dict:
         """``batch["query"]``, ``batch["support"]`` (B, 3, H, W) ImageNet-normalized ->
-        ``{stride: {"dense_flow": (B, 2, H/s, W/s), "dense_certainty": (B, 1, H/s, W/s)}}``."""
-        pyramid = self.extract_backbone_features(batch)
+        ``{stride: {"dense_flow": (B, 2, H/s, W/s), "dense_certainty": (B, 1, H/s, W/s)}}``.
+
+        ``upsample`` (DKMv3): the refiners at strides 8, 4, 2, 1 only, starting from
+        ``batch["corresps"]`` (a previous pass's ``{"dense_flow", "dense_certainty"}``, any size)."""
+        pyramid = self.extract_backbone_features(batch, upsample)
         f_q = {s: f.chunk(2)[0] for s, f in pyramid.items()}
         f_s = {s: f.chunk(2)[1] for s, f in pyramid.items()}
-        return self.decoder(f_q, f_s)
+        return self.decoder(f_q, f_s, upsample=upsample, **self._corresps(batch, upsample))
 
-    def forward_symmetric(self, batch: dict) -> dict:
-        """Both directions at once: outputs have batch 2B, ``[query->support, support->query]``."""
-        pyramid = self.extract_backbone_features(batch)
+    def forward_symmetric(self, batch: dict, upsample: bool = False) -> dict:
+        """Both directions at once: outputs have batch 2B, ``[query->support, support->query]``
+        (``batch["corresps"]`` of the upsampling pass has batch 2B in the same order)."""
+        pyramid = self.extract_backbone_features(batch, upsample)
         f_s = {s: torch.cat(f.chunk(2)[::-1]) for s, f in pyramid.items()}
-        return self.decoder(pyramid, f_s)
+        return self.decoder(pyramid, f_s, upsample=upsample, **self._corresps(batch, upsample))
 
     # ------------------------------------------------------------------ matching
     @staticmethod
@@ -80,8 +134,9 @@ class RegressionMatcher(nn.Module):
         return q, qts, (d < 1e-3) & (qd < 5e-3)
 
     def _prepare(self, im1, im2):
-        """Inputs -> (query, support) normalized at the internal resolution, the full-resolution
-        normalized images (for ``do_pred_in_og_res``) and whether the input was batched."""
+        """Inputs -> (query, support) normalized at the internal resolution, a function giving the
+        normalized images at their full resolution or at a given ``(H, W)`` (for
+        ``do_pred_in_og_res`` and the upsampling pass) and whether the input was batched."""
         size = (self.h_resized, self.w_resized)
         if isinstance(im1, torch.Tensor) != isinstance(im2, torch.Tensor):
             raise TypeError("im1 and im2 must both be tensors or both be images/paths")
@@ -92,12 +147,15 @@ class RegressionMatcher(nn.Module):
             if x1.shape[0] != x2.shape[0]:
                 raise ValueError(f"im1 and im2 batch sizes differ: {x1.shape[0]} vs {x2.shape[0]}")
             query, support = normalize(resize_tensor(x1, size)), normalize(resize_tensor(x2, size))
-            full = lambda: (normalize(x1), normalize(x2))  # noqa: E731
+            def full(size=None):
+                return (normalize(resize_tensor(x1, size) if size else x1),
+                        normalize(resize_tensor(x2, size) if size else x2))
             return query, support, full, batched
         p1, p2 = load_image(im1), load_image(im2)
         query = pil_to_tensor(p1, size)[None].to(self.device)
         support = pil_to_tensor(p2, size)[None].to(self.device)
-        full = lambda: (pil_to_tensor(p1)[None].to(self.device), pil_to_tensor(p2)[None].to(self.device))  # noqa: E731
+        def full(size=None):  # from the original images (not from the resized ones), as the release
+            return pil_to_tensor(p1, size)[None].to(self.device), pil_to_tensor(p2, size)[None].to(self.device)
         return query, support, full, False
 
     def _dense_fast(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None):
@@ -131,6 +189,72 @@ class RegressionMatcher(nn.Module):
         out = self.forward(batch)[1]
         return out["dense_flow"], out["dense_certainty"], None
 
+    def _dense_v3(self, query, support, full, fast: bool, dtype=None):
+        """DKMv3's passes: ``(flow (D*B, 2, h, w), certainty logits (D*B, 1, h, w), stride-16
+        certainty logits (D*B, 1, h16, w16))`` with ``D = 2`` directions ``[q->s; s->q]`` if
+        ``symmetric`` (else 1), at the upsampling resolution if ``upsample_preds``."""
+        up = self.upsample_preds
+        q_up, s_up = full(self.upsample_res) if up else (None, None)
+        if not fast:  # the release: one batched (symmetric) pass, then one batched upsampling pass
+            fwd = self.forward_symmetric if self.symmetric else self.forward
+            out = fwd({"query": query, "support": support})
+            cert16 = out[16]["dense_certainty"]
+            if up:
+                out = fwd({"query": q_up, "support": s_up, "corresps": out[1]}, upsample=True)
+            return out[1]["dense_flow"], out[1]["dense_certainty"], cert16
+        b = query.shape[0]
+        step = self.inference_batch_size or (1 if query.device.type == "cpu" else b)
+        res = []  # per micro-batch and direction: (flow, certainty, cert16)
+        for i in range(0, b, step):
+            sl = slice(i, i + step)
+            pyramid = self.encoder(torch.cat((query[sl], support[sl])))
+            f_a = {k: f.chunk(2)[0] for k, f in pyramid.items()}
+            f_b = {k: f.chunk(2)[1] for k, f in pyramid.items()}
+            dirs = [(f_a, f_b), (f_b, f_a)] if self.symmetric else [(f_a, f_b)]
+            firsts = [self.decoder(x, y, fast=True, refine_dtype=dtype) for x, y in dirs]
+            del pyramid, f_a, f_b, dirs
+            if up:
+                pyr_up = self.encoder(torch.cat((q_up[sl], s_up[sl])), max_stride=8)
+                u_a = {k: f.chunk(2)[0] for k, f in pyr_up.items()}
+                u_b = {k: f.chunk(2)[1] for k, f in pyr_up.items()}
+                dirs = [(u_a, u_b), (u_b, u_a)] if self.symmetric else [(u_a, u_b)]
+                finals = [self.decoder(x, y, fast=True, refine_dtype=dtype, upsample=True,
+                                       flow=o[1]["dense_flow"], certainty=o[1]["dense_certainty"])
+                          for (x, y), o in zip(dirs, firsts)]
+            else:
+                finals = firsts
+            res.append([(f[1]["dense_flow"], f[1]["dense_certainty"], o[16]["dense_certainty"])
+                        for f, o in zip(finals, firsts)])
+        n_dir = 2 if self.symmetric else 1
+        cat = lambda j: torch.cat([r[d][j] for d in range(n_dir) for r in res])  # noqa: E731
+        return cat(0), cat(1), cat(2)
+
+    def _match_v3(self, im1, im2, fast: bool, dtype=None):
+        """DKMv3's match(): see :meth:`match`."""
+        query, support, full, is_batched = self._prepare(im1, im2)
+        b = query.shape[0]
+        with torch.inference_mode(fast):
+            flow, certainty, cert16 = self._dense_v3(query, support, full, fast, dtype)
+        hs, ws = flow.shape[-2:]
+        # The release lowers nothing and raises certainty where the coarse (stride-16) logit is negative:
+        # logit = fine - 0.5 * min(coarse, 0).
+        low_res = F.interpolate(cert16, size=(hs, ws), mode="bilinear", align_corners=False)
+        certainty = (certainty - 0.5 * low_res * (low_res < 0)).sigmoid()
+        flow = flow.permute(0, 2, 3, 1)
+        outside = (flow.abs() > 1).any(dim=-1)  # predictions outside the other image: certainty 0
+        certainty = certainty.masked_fill(outside[:, None], 0.0)[:, 0]
+        flow = flow.clamp(-1, 1)
+        grid = normalized_grid(hs, ws, device=flow.device, dtype=flow.dtype, batch=b)
+        if self.symmetric:
+            q2s, s2q = flow.chunk(2)
+            matches = torch.cat((torch.cat((grid, q2s), dim=-1), torch.cat((s2q, grid), dim=-1)), dim=2)
+            certainty = torch.cat(certainty.chunk(2), dim=2)
+        else:
+            matches = torch.cat((grid, flow), dim=-1)
+        if is_batched:
+            return matches, certainty
+        return matches[0], certainty[0]
+
     @torch.no_grad()
     def match(self, im1, im2, *args, check_cycle_consistency: bool = False, do_pred_in_og_res: bool = False,
               batched: bool | None = None, fast: bool | None = None, dtype: torch.dtype | None = None):
@@ -152,6 +276,14 @@ class RegressionMatcher(nn.Module):
             ``dense_matches`` (H, W, 4) = ``[x_q, y_q, x_s, y_s]`` in normalized coordinates and
             ``dense_certainty`` (H, W) in [0, 1]; with a leading batch dim for 4-D tensor inputs.
             ``H, W`` are the internal resolution, or ``im1``'s with ``do_pred_in_og_res``.
+
+        DKMv3 (``version="v3"``): ``H, W`` are the internal resolution, or ``upsample_res`` if
+        ``upsample_preds``; a ``symmetric`` model returns ``(H, 2W, 4)``: columns ``:W`` hold
+        ``[grid_q, q->s]``, columns ``W:`` hold ``[s->q, grid_s]`` (every row a query/support pair, so
+        :meth:`sample` and :meth:`to_pixel_coordinates` apply unchanged). Certainty is
+        ``sigmoid(fine - 0.5 * min(coarse, 0))`` with ``coarse`` the stride-16 logit resized, and 0 where
+        the prediction leaves the other image (the flow is then clamped to [-1, 1]).
+        ``check_cycle_consistency``/``do_pred_in_og_res`` are v11 options and raise for v3.
         """
         if args:  # original positional order: (im1, im2, batched, check_cycle_consistency, do_pred_in_og_res)
             names = ["batched", "check_cycle_consistency", "do_pred_in_og_res"]
@@ -164,6 +296,16 @@ class RegressionMatcher(nn.Module):
         if dtype != torch.float32 and not fast:
             raise ValueError(f"dtype={dtype} needs the fast path (fast=True); the faithful path is float32")
         was_training = self.training
+        if self.version == "v3":
+            if check_cycle_consistency or do_pred_in_og_res:
+                raise ValueError("DKMv3 match(): check_cycle_consistency and do_pred_in_og_res are v11 options; "
+                                 "DKMv3 matches both directions (symmetric) and refines at upsample_res "
+                                 "(upsample_preds)")
+            self.train(False)
+            try:
+                return self._match_v3(im1, im2, fast, dtype)
+            finally:
+                self.train(was_training)
         self.train(False)
         try:
             query, support, full, is_batched = self._prepare(im1, im2)
@@ -192,19 +334,28 @@ class RegressionMatcher(nn.Module):
         return matches[0], certainty[0]
 
     # ------------------------------------------------------------------ sparse matches
-    @staticmethod
-    def sample(matches, certainty, num: int = 10000, relative_confidence_threshold: float = 0.0,
-               generator: torch.Generator | None = None):
-        """Sample up to ``num`` matches without replacement, with probability proportional to
-        certainty, among those with ``certainty / max(certainty) > relative_confidence_threshold``.
+    @_SampleMethod
+    def sample(self, matches, certainty, num: int = 10000, relative_confidence_threshold: float = 0.0,
+               generator: torch.Generator | None = None, mode: str | None = None):
+        """Sample up to ``num`` matches without replacement.
+
+        ``mode`` (default: the model's ``sample_mode``; ``"proportional"`` when called on the class,
+        ``RegressionMatcher.sample(...)``): ``"proportional"`` = probability proportional to
+        certainty, among those with ``certainty / max(certainty) > relative_confidence_threshold``
+        and ``certainty > 0`` (v11); DKMv3's ``"threshold_balanced"`` and the other modes of
+        :mod:`dkm.models.sampling` (``relative_confidence_threshold`` > 0 filters first there too).
 
         Args:
             matches: (..., 4) tensor or array; certainty: (...) matching its leading dims.
             generator: a ``torch.Generator`` for reproducibility (on any device).
         Returns:
-            ``(n, 4)`` matches and their ``(n,)`` certainties, ``n = min(num, #candidates with
-            certainty > 0)``; numpy in -> numpy out, tensors stay on their device.
+            ``(n, 4)`` matches and their ``(n,)`` certainties (as given, not the mode's weights),
+            ``n = min(num, #candidates with positive weight)``; numpy in -> numpy out, tensors stay
+            on their device.
         """
+        if mode is None:
+            mode = self.sample_mode if self is not None else "proportional"
+        thresh = self.sample_thresh if self is not None else 0.05
         as_numpy = isinstance(matches, np.ndarray)
         m = torch.as_tensor(matches).reshape(-1, 4)
         c = torch.as_tensor(certainty, device=m.device).reshape(-1).to(m.dtype if m.is_floating_point() else torch.float32)
@@ -212,6 +363,14 @@ class RegressionMatcher(nn.Module):
             raise ValueError(f"sample(): {m.shape[0]} matches but {c.numel()} certainties")
         if c.numel() == 0 or not torch.isfinite(c).all():
             raise ValueError("sample(): certainty is empty or not finite")
+        if mode != "proportional":
+            if relative_confidence_threshold > 0:
+                cmax = c.max()
+                keep = c / cmax > relative_confidence_threshold if cmax > 0 else torch.zeros_like(c, dtype=torch.bool)
+                m, c = m[keep], c[keep]
+            idx, _ = sample_matches(m, c, int(num), mode, thresh, generator)
+            m, c = m[idx], c[idx]
+            return (m.cpu().numpy(), c.cpu().numpy()) if as_numpy else (m, c)
         cmax = c.max()
         keep = (c / cmax > relative_confidence_threshold) & (c > 0) if cmax > 0 else torch.zeros_like(c, dtype=torch.bool)
         m, c = m[keep], c[keep]

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 #: Official checkpoints of the DKM release, by (architecture, version).
 WEIGHT_URLS = {
     ("dkm_base", "v11"): "https://github.com/Parskatt/storage/releases/download/dkm/dkm_base_v11.pth",
+    ("dkmv3_outdoor", "v3"): "https://github.com/Parskatt/storage/releases/download/dkmv3/DKMv3_outdoor.pth",
+    ("dkmv3_indoor", "v3"): "https://github.com/Parskatt/storage/releases/download/dkmv3/DKMv3_indoor.pth",
 }
 _BACKBONES = {"resnet50": resnet50, "resnet18": resnet18}
 _IMAGENET_WEIGHTS = {"resnet50": "IMAGENET1K_V1", "resnet18": "IMAGENET1K_V1"}
@@ -61,11 +63,28 @@ def build_dkm(
     w: int = 512,
     fast: bool = True,
     inference_batch_size: int | None = None,
+    version: str = "v11",
+    encoder_attr: str = "resnet",
+    freeze_bn: bool = False,
+    displacement_emb: Mapping[int, int] | None = None,
+    local_corr_radius: Mapping[int, int] | None = None,
+    symmetric: bool = False,
+    upsample_preds: bool = False,
+    upsample_res=None,
+    sample_mode: str = "proportional",
+    sample_thresh: float = 0.05,
+    name: str | None = None,
 ) -> RegressionMatcher:
     """Build a DKM :class:`RegressionMatcher`. Defaults are the v11 ``dkm_base`` architecture.
 
     GP + embedding decoder at strides 32 and 16 (after 1x1 projections of the backbone features to
     ``proj_dim``), depthwise conv refiners at strides 16, 8, 4, 2, 1 with ``refiner_hidden[s]`` channels.
+
+    DKMv3 differs only by options: the backbone under ``encoder.net`` (``encoder_attr``), refiners
+    that also see a ``displacement_emb[s]``-channel embedding of the displacement and, where
+    ``local_corr_radius[s]`` is set, a ``(2r+1)^2``-channel local correlation; ``version="v3"``
+    selects its match() conventions (``symmetric``, ``upsample_preds`` at ``upsample_res``) and
+    ``sample_mode="threshold_balanced"``.
     """
     if refiner_hidden is None:
         refiner_hidden = {16: 1024, 8: 1024, 4: 512, 2: 128, 1: 24}
@@ -74,22 +93,38 @@ def build_dkm(
     coarse = (32, 16)
     proj = nn.ModuleDict({str(s): nn.Conv2d(ch[s], proj_dim, 1) for s in (16, 32)})
     in_ch = {s: (proj_dim if s in coarse else ch[s]) for s in ch}
+    emb = {int(k): int(v) for k, v in (displacement_emb or {}).items()}
+    corr = {int(k): int(v) for k, v in (local_corr_radius or {}).items() if v}
+    if set(corr) - set(emb):
+        raise ValueError(f"local_corr_radius at strides {sorted(set(corr) - set(emb))} needs displacement_emb there")
     decoder = Decoder(
         EmbeddingDecoder(coarse, feat_in=proj_dim, gp_dim=gp_dim, feat_dim=feat_dim, internal_dim=dfn_dim),
         gps=nn.ModuleDict({str(s): GP(kernel_temperature, gp_dim=gp_dim) for s in coarse}),
         proj=proj,
         conv_refiner=nn.ModuleDict(
             {
-                str(s): ConvRefiner(2 * in_ch[s], refiner_hidden[s], 3, kernel_size=kernel_size,
-                                    hidden_blocks=refiner_blocks)
+                str(s): ConvRefiner(2 * in_ch[s] + emb.get(s, 0) + ((2 * corr[s] + 1) ** 2 if corr.get(s) else 0),
+                                    refiner_hidden[s], 3, kernel_size=kernel_size, hidden_blocks=refiner_blocks,
+                                    displacement_emb_dim=emb.get(s), local_corr_radius=corr.get(s))
                 for s in (16, 8, 4, 2, 1)
             }
         ),
         detach=True,
     )
-    return RegressionMatcher(Encoder(make_backbone(backbone, backbone_weights)), decoder, h=h, w=w, fast=fast,
-                             inference_batch_size=inference_batch_size)
+    encoder = Encoder(make_backbone(backbone, backbone_weights), attr=encoder_attr, freeze_bn=freeze_bn)
+    return RegressionMatcher(encoder, decoder, h=h, w=w, fast=fast, inference_batch_size=inference_batch_size,
+                             symmetric=symmetric, upsample_preds=upsample_preds,
+                             upsample_res=tuple(upsample_res) if upsample_res is not None else None,
+                             sample_mode=sample_mode, sample_thresh=sample_thresh, name=name, version=version)
 
+
+_DKMV3 = dict(
+    version="v3", encoder_attr="net", freeze_bn=False,
+    displacement_emb={16: 128, 8: 64, 4: 32, 2: 16, 1: 6},
+    local_corr_radius={16: 7, 8: 3, 4: 2},
+    refiner_hidden={16: 2 * 512 + 128 + 15**2, 8: 2 * 512 + 64 + 7**2, 4: 2 * 256 + 32 + 5**2, 2: 2 * 64 + 16, 1: 24},
+    symmetric=True, sample_mode="threshold_balanced", sample_thresh=0.05,
+)
 
 #: Architectures by name: keyword arguments of :func:`build_dkm`.
 ARCHITECTURES = {
@@ -98,6 +133,10 @@ ARCHITECTURES = {
         backbone="resnet18", proj_dim=256, gp_dim=128, feat_dim=128, dfn_dim=192,
         refiner_hidden={16: 512, 8: 256, 4: 128, 2: 128, 1: 24}, refiner_blocks=4, h=192, w=256,
     ),
+    # DKMv3 (Edstedt et al., CVPR 2023 release): v11 + displacement embeddings and local correlation
+    # in the refiners (hidden width = input width), symmetric matching, balanced sampling.
+    "dkmv3_outdoor": dict(_DKMV3, h=540, w=720, upsample_preds=True, upsample_res=(864, 1152), name="DKMv3"),
+    "dkmv3_indoor": dict(_DKMV3, h=480, w=640, upsample_preds=False, name="DKMv3"),
 }
 
 
@@ -224,6 +263,42 @@ def dkm_small(*, weights=None, h: int = 192, w: int = 256, fast: bool = True, ba
                  backbone_weights=backbone_weights, device=device, h=h, w=w, fast=fast, **overrides)
 
 
+def _dkmv3(arch: str, path_to_weights, device, *, weights, pretrained, h, w, fast, backbone_weights,
+           **overrides) -> RegressionMatcher:
+    if path_to_weights is not None and weights is not None:
+        raise ValueError("give the checkpoint either as path_to_weights or as weights=, not both")
+    weights = weights if weights is not None else path_to_weights
+    return _make(arch, pretrained=pretrained, version="v3", weights=weights, backbone_weights=backbone_weights,
+                 device=device, h=h, w=w, fast=fast, **overrides)
+
+
+def DKMv3_outdoor(path_to_weights=None, device=None, *, weights=None, pretrained: bool = True, h: int = 540,
+                  w: int = 720, fast: bool = True, backbone_weights=None, **overrides) -> RegressionMatcher:
+    """DKMv3 outdoor (MegaDepth): internal resolution 540x720, predictions refined at
+    ``upsample_res = (864, 1152)`` (``model.upsample_preds = False`` turns that off), symmetric
+    matching, ``sample_mode = "threshold_balanced"``.
+
+    Args:
+        path_to_weights / weights: local ``DKMv3_outdoor.pth`` (or a Lightning ``.ckpt``, or a
+            state_dict); without one the official checkpoint is downloaded (``pretrained=True``).
+        device: where to put the model (default: stays on CPU; the release picked CUDA if available).
+        h, w: internal resolution; fast: default inference path (``False``: faithful to the release).
+        backbone_weights: backbone init when no DKM weights are loaded (``None`` = random, as the
+            release's inference constructor; ``"imagenet"`` for training).
+        overrides: further :func:`build_dkm` options, e.g. ``upsample_res=(H, W)``.
+    """
+    return _dkmv3("dkmv3_outdoor", path_to_weights, device, weights=weights, pretrained=pretrained, h=h, w=w,
+                  fast=fast, backbone_weights=backbone_weights, **overrides)
+
+
+def DKMv3_indoor(path_to_weights=None, device=None, *, weights=None, pretrained: bool = True, h: int = 480,
+                 w: int = 640, fast: bool = True, backbone_weights=None, **overrides) -> RegressionMatcher:
+    """DKMv3 indoor (ScanNet): internal resolution 480x640, no upsampling pass, symmetric matching,
+    ``sample_mode = "threshold_balanced"``. Arguments as :func:`DKMv3_outdoor`."""
+    return _dkmv3("dkmv3_indoor", path_to_weights, device, weights=weights, pretrained=pretrained, h=h, w=w,
+                  fast=fast, backbone_weights=backbone_weights, **overrides)
+
+
 def build_model(cfg: Mapping) -> nn.Module:
     """Build a matcher from a ``conf/model/*.yaml`` mapping (``arch``, ``h``, ``w``, ``weights``,
     ``pretrained``, ``backbone_weights``, ``fast``; ``arch: sift`` builds the classical baseline)."""
@@ -237,7 +312,7 @@ def build_model(cfg: Mapping) -> nn.Module:
         return SiftMatcher(**cfg)
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown model arch {arch!r}; expected one of {sorted(ARCHITECTURES) + ['sift']}")
-    version = cfg.pop("version", "v11")
+    version = cfg.pop("version", "v3" if ARCHITECTURES[arch].get("version") == "v3" else "v11")
     model = _make(arch, pretrained=bool(cfg.pop("pretrained", False)), version=version,
                   weights=cfg.pop("weights", None), backbone_weights=cfg.pop("backbone_weights", None),
                   device=None, **cfg)

@@ -1,0 +1,58 @@
+"""Local correlation volumes of DKMv3's refiners.
+
+For every query pixel, the dot products (divided by ``sqrt(C)``) between its feature and the support
+features on a ``(2r+1) x (2r+1)`` window of support pixels centred on the current flow target
+(one pixel apart), sampled bilinearly with zero padding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..geometry.coords import normalized_grid
+
+
+def window_offsets(radius: int, h: int, w: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Normalized offsets of the ``(2r+1)^2`` window, row-major with ``dy`` outer: ``(K, 2)`` as ``(dx, dy)``.
+
+    One step is one pixel of an ``h x w`` image (``2/w`` in x, ``2/h`` in y)."""
+    n = 2 * radius + 1
+    dy = torch.linspace(-2 * radius / h, 2 * radius / h, n, device=device, dtype=dtype)
+    dx = torch.linspace(-2 * radius / w, 2 * radius / w, n, device=device, dtype=dtype)
+    yy, xx = torch.meshgrid(dy, dx, indexing="ij")
+    return torch.stack((xx, yy), dim=-1).reshape(n * n, 2)
+
+
+def local_correlation(feat0: torch.Tensor, feat1: torch.Tensor, radius: int, flow: torch.Tensor | None = None,
+                      chunk: int | None = None) -> torch.Tensor:
+    """Correlation of ``feat0`` with a window of ``feat1`` around ``flow``.
+
+    Args:
+        feat0, feat1: (B, C, h, w) query and support features.
+        radius: window radius ``r`` (in pixels of the ``h x w`` grid).
+        flow: (B, 2, h, w) normalized support positions of the window centres; ``None`` = identity.
+        chunk: number of window offsets sampled per ``grid_sample`` call; ``None`` = all at once
+            (as the release: a (B, C, h, w, K) intermediate). A small ``chunk`` bounds the memory by
+            ``B * C * h * w * chunk`` elements.
+
+    Returns:
+        (B, K, h, w) with ``K = (2r+1)^2``, offsets row-major with ``dy`` outer.
+    """
+    b, c, h, w = feat0.shape
+    if flow is None:
+        centres = normalized_grid(h, w, device=feat0.device, dtype=feat0.dtype, batch=b)
+    else:
+        centres = flow.permute(0, 2, 3, 1)
+    offsets = window_offsets(radius, h, w, device=feat0.device, dtype=centres.dtype)
+    k = offsets.shape[0]
+    feat1 = feat1.to(centres.dtype)
+    step = k if chunk is None else max(1, int(chunk))
+    outs = []
+    for i in range(0, k, step):
+        off = offsets[i:i + step]
+        n = off.shape[0]
+        coords = (centres[:, :, :, None] + off[None, None, None]).reshape(b, h, w * n, 2)
+        window = F.grid_sample(feat1, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+        window = window.reshape(b, c, h, w, n)
+        outs.append(torch.einsum("bchw,bchwk->bkhw", feat0.to(window.dtype), window) / c ** 0.5)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
