@@ -9,6 +9,11 @@ faithful output.
     python bench/match_speed.py                    # CPU, 2 threads, dkm_base at 384x512
     python bench/match_speed.py --repeats 5 --batches 1 2 4
     python bench/match_speed.py --device cuda      # float16 instead of bfloat16 for the reduced variant
+    python bench/match_speed.py --arch dkm_base dkmv3_indoor   # v11 at 384x512 next to DKMv3 indoor at 480x640
+
+Each architecture runs at its own default resolution unless --h/--w are given. DKMv3 matches both
+directions in one match() (symmetric), so its cycle-consistency variants (a v11 option) are skipped;
+its deviation is measured on all four columns of its (H, 2W, 4) output.
 """
 from __future__ import annotations
 
@@ -109,48 +114,44 @@ def worker(args) -> None:
     }))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="dkm_base")
-    p.add_argument("--h", type=int, default=384)
-    p.add_argument("--w", type=int, default=512)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batches", type=int, nargs="+", default=[1])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--variant", help=argparse.SUPPRESS)
-    p.add_argument("--weights", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.variant:
-        return worker(args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def arch_info(arch: str):
+    """(default h, default w, is DKMv3) of an architecture of the zoo."""
+    from dkm.models.zoo import ARCHITECTURES, build_dkm
+    import inspect
 
+    spec = ARCHITECTURES[arch]
+    defaults = inspect.signature(build_dkm).parameters
+    h = spec.get("h", defaults["h"].default)
+    w = spec.get("w", defaults["w"].default)
+    return h, w, spec.get("version") == "v3"
+
+
+def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
     import torch
 
     import dkm
     from dkm.utils.synthetic_weights import synthetic_state_dict
 
+    variants = [v for v in args.variants if not (is_v3 and v.endswith("_cc"))]
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "synthetic.pth"
-        shapes = dkm.build_model({"arch": args.arch, "h": args.h, "w": args.w}).state_dict()
+        shapes = dkm.build_model({"arch": arch, "h": h, "w": w}).state_dict()
         torch.save(synthetic_state_dict(shapes, seed=0), weights)
-        for v in args.variants:
+        for v in variants:
             out = Path(tmp) / f"{v}.npz"
             cmd = [sys.executable, __file__, "--variant", v, "--weights", str(weights), "--out", str(out),
-                   "--arch", args.arch, "--h", str(args.h), "--w", str(args.w), "--device", args.device,
+                   "--arch", arch, "--h", str(h), "--w", str(w), "--device", args.device,
                    "--threads", str(args.threads), "--repeats", str(args.repeats),
                    "--batches", *map(str, args.batches)]
-            log.info("running %s ...", v)
+            log.info("running %s %s ...", arch, v)
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
-                raise SystemExit(f"variant {v} failed:\n{res.stderr}")
+                raise SystemExit(f"variant {v} of {arch} failed:\n{res.stderr}")
             results[v] = json.loads(res.stdout.strip().splitlines()[-1])
             outputs[v] = dict(np.load(out))
 
-    print(f"\nmatch() on {args.arch} at {args.h}x{args.w}, {args.device}, {args.threads} threads, "
+    print(f"\nmatch() on {arch} at {h}x{w}, {args.device}, {args.threads} threads, "
           f"median of {args.repeats} (pair: astronaut + homography, synthetic weights)")
     print(f"{'variant':<14} {'s/match':>8} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
           f"{'max dflow px':>12} {'p99 dflow px':>12} {'max dcert':>9}")
@@ -161,7 +162,12 @@ def main() -> None:
         if base in results:
             tb, mb = results[base]["median"]["1"], results[base]["peak_rss_mib"]
             line += f" {tb / t:10.2f}x {r['peak_rss_mib']:9.0f} {r['peak_rss_mib'] / mb:10.2f}x"
-            d = np.abs(outputs[v]["warp"][..., 2:] - outputs[base]["warp"][..., 2:]) * np.array([args.w / 2, args.h / 2])
+            wv, wb = outputs[v]["warp"], outputs[base]["warp"]
+            ho, wo = wv.shape[-3], wv.shape[-2] // (2 if is_v3 else 1)  # output grid of one direction
+            if is_v3:  # [grid_q, q->s | s->q, grid_s]: every column can move
+                d = np.abs(wv - wb) * np.array([wo / 2, ho / 2, wo / 2, ho / 2])
+            else:
+                d = np.abs(wv[..., 2:] - wb[..., 2:]) * np.array([wo / 2, ho / 2])
             dflow = d.max(-1)
             dcert = np.abs(outputs[v]["cert"] - outputs[base]["cert"]).max()
             line += f" {dflow.max():12.4f} {np.quantile(dflow, 0.99):12.4f} {dcert:9.2e}"
@@ -176,6 +182,30 @@ def main() -> None:
     imp = next(iter(results.values()))["rss_after_import_mib"]
     print(f"\n(peak MiB: max resident set of a process that imports dkm, loads the weights and runs one "
           f"match; importing torch+dkm alone: {imp:.0f} MiB)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["dkm_base"],
+                   help="architectures of the zoo, run one after the other (e.g. dkm_base dkmv3_indoor)")
+    p.add_argument("--h", type=int, default=None, help="internal height (default: the architecture's)")
+    p.add_argument("--w", type=int, default=None, help="internal width (default: the architecture's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        args.arch = args.arch[0]
+        return worker(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for arch in args.arch:
+        h, w, is_v3 = arch_info(arch)
+        run_arch(args, arch, args.h or h, args.w or w, is_v3)
 
 
 if __name__ == "__main__":

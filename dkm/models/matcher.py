@@ -232,12 +232,21 @@ class RegressionMatcher(nn.Module):
     def _match_v3(self, im1, im2, fast: bool, dtype=None):
         """DKMv3's match(): see :meth:`match`."""
         query, support, full, is_batched = self._prepare(im1, im2)
-        b = query.shape[0]
-        with torch.inference_mode(fast):
+        with torch.inference_mode() if fast else torch.no_grad():  # (inference_mode(False) re-enables autograd)
             flow, certainty, cert16 = self._dense_v3(query, support, full, fast, dtype)
+        matches, certainty = self._finalize_v3(flow, certainty, cert16)
+        if is_batched:
+            return matches, certainty
+        return matches[0], certainty[0]
+
+    def _finalize_v3(self, flow: torch.Tensor, certainty: torch.Tensor, cert16: torch.Tensor):
+        """DKMv3's match() output from the final ``flow`` (D*B, 2, H, W), its ``certainty`` logits
+        (D*B, 1, H, W) and the first pass's stride-16 logits ``cert16`` (D*B, 1, h, w):
+        ``(matches (B, H, D*W, 4), certainty (B, H, D*W))`` (see :meth:`match`)."""
         hs, ws = flow.shape[-2:]
-        # The release lowers nothing and raises certainty where the coarse (stride-16) logit is negative:
-        # logit = fine - 0.5 * min(coarse, 0).
+        b = flow.shape[0] // (2 if self.symmetric else 1)
+        # As the release: logit = fine - 0.5 * min(coarse, 0), coarse = the first pass's stride-16 logit
+        # resized (note the sign: this raises certainty where the coarse logit is negative).
         low_res = F.interpolate(cert16, size=(hs, ws), mode="bilinear", align_corners=False)
         certainty = (certainty - 0.5 * low_res * (low_res < 0)).sigmoid()
         flow = flow.permute(0, 2, 3, 1)
@@ -251,9 +260,7 @@ class RegressionMatcher(nn.Module):
             certainty = torch.cat(certainty.chunk(2), dim=2)
         else:
             matches = torch.cat((grid, flow), dim=-1)
-        if is_batched:
-            return matches, certainty
-        return matches[0], certainty[0]
+        return matches, certainty
 
     @torch.no_grad()
     def match(self, im1, im2, *args, check_cycle_consistency: bool = False, do_pred_in_og_res: bool = False,
@@ -310,7 +317,7 @@ class RegressionMatcher(nn.Module):
         try:
             query, support, full, is_batched = self._prepare(im1, im2)
             b = query.shape[0]
-            with torch.inference_mode(fast):
+            with torch.inference_mode() if fast else torch.no_grad():  # (inference_mode(False) re-enables autograd)
                 dense = self._dense_fast if fast else self._dense_faithful
                 q2s, certainty, s2q = dense(query, support, check_cycle_consistency, dtype)
                 q2s = q2s.permute(0, 2, 3, 1)
