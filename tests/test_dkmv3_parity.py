@@ -1,8 +1,9 @@
 """DKMv3: checkpoint contract and numerical parity with the release (../shared/fixtures/dkmv3_parity.npz).
 
 The model runs at the fixture's 384x512 (upsampling pass at 576x768). Two module-level matches feed
-most tests: the faithful path without upsampling and the fast path with upsampling; the decoder's
-outputs at every scale are captured during those calls, so nothing runs twice.
+most tests: the faithful path without upsampling and the fast path with upsampling; the encoder's
+inputs and the decoder's outputs at every scale are captured during those calls (hooks), so nothing
+runs twice.
 """
 from __future__ import annotations
 
@@ -57,15 +58,18 @@ def _match_capturing(model, ref, *, fast, upsample):
         calls.append((bool(kwargs.get("upsample")), {s: (o["dense_flow"].clone(), o["dense_certainty"].clone())
                                                      for s, o in out.items()}))
 
-    handle = model.decoder.register_forward_hook(hook, with_kwargs=True)
+    inputs = []
+    handles = [model.decoder.register_forward_hook(hook, with_kwargs=True),
+               model.encoder.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))]
     old = model.upsample_preds
     model.upsample_preds = upsample
     try:
         warp, cert = model.match(Image.fromarray(ref["im1"]), Image.fromarray(ref["im2"]), fast=fast)
     finally:
         model.upsample_preds = old
-        handle.remove()
-    return warp, cert, calls
+        for h in handles:
+            h.remove()
+    return warp, cert, calls, inputs
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +115,7 @@ def test_release_defaults(model):
 
 # ---------------------------------------------------------------------------- network parity
 @pytest.mark.parametrize("path", ["faithful", "fast"])
+@pytest.mark.slow  # ~1 min in total on 2 cores: two DKMv3 matches shared by these tests
 def test_symmetric_first_pass_matches_release_at_every_scale(path, faithful_noup, fast_up, ref):
     calls = (faithful_noup if path == "faithful" else fast_up)[2]
     got = _both_directions(calls, upsample=False)
@@ -120,6 +125,7 @@ def test_symmetric_first_pass_matches_release_at_every_scale(path, faithful_noup
         np.testing.assert_allclose(got[s][1], ref[f"cert_s{s}"], rtol=0, atol=LOGIT_TOL, err_msg=f"cert s{s}")
 
 
+@pytest.mark.slow  # ~1 min in total on 2 cores: two DKMv3 matches shared by these tests
 def test_upsampling_pass_matches_release(fast_up, ref):
     got = _both_directions(fast_up[2], upsample=True)
     assert sorted(got) == [1, 2, 4, 8] and got[1][0].shape == (2, 2, 576, 768)
@@ -128,24 +134,29 @@ def test_upsampling_pass_matches_release(fast_up, ref):
         np.testing.assert_allclose(got[s][1], ref[f"up_cert_s{s}"], rtol=0, atol=LOGIT_TOL, err_msg=f"cert s{s}")
 
 
-def test_faithful_forward_symmetric_is_the_first_pass(model, ref, faithful_noup):
-    """The training-facing forward_symmetric() (no match()) on the stored encoder inputs, scale 32 only."""
-    got = _both_directions(faithful_noup[2], upsample=False)
-    batch = {"query": torch.from_numpy(ref["query"]), "support": torch.from_numpy(ref["support"])}
-    pyramid = model.encoder(torch.cat((batch["query"], batch["support"])))
-    assert sorted(pyramid) == sorted(SCALES) and pyramid[32].shape == (2, 2048, 12, 16)
-    assert np.abs(got[32][0] - ref["flow_s32"]).max() <= FLOW_TOL
+def test_match_preprocessing_matches_release(faithful_noup, fast_up, ref):
+    """The encoder sees exactly the release's inputs: PIL bicubic resizes of the original images, at
+    384x512 for the first pass and 576x768 for the upsampling pass (not a resize of the 384x512 ones)."""
+    first = np.concatenate((ref["query"], ref["support"]))
+    up = np.concatenate((ref["query_up"], ref["support_up"]))
+    (x,) = faithful_noup[3]
+    np.testing.assert_array_equal(x.numpy(), first)
+    x_first, x_up = fast_up[3]  # the fast path: one pair per encoder pass, then the upsampling pass
+    np.testing.assert_array_equal(x_first.numpy(), first)
+    np.testing.assert_array_equal(x_up.numpy(), up)
 
 
+@pytest.mark.slow  # ~1 min in total on 2 cores: two DKMv3 matches shared by these tests
 def test_match_with_upsampling_matches_release(fast_up, ref):
-    warp, cert, _ = fast_up
+    warp, cert = fast_up[:2]
     assert warp.shape == (576, 1536, 4) and cert.shape == (576, 1536)
     np.testing.assert_allclose(warp.numpy(), ref["match_warp"], rtol=0, atol=FLOW_TOL)
     np.testing.assert_allclose(cert.numpy(), ref["match_cert"], rtol=0, atol=CERT_TOL)
 
 
+@pytest.mark.slow  # ~1 min in total on 2 cores: two DKMv3 matches shared by these tests
 def test_match_without_upsampling_matches_release(faithful_noup, ref):
-    warp, cert, calls = faithful_noup
+    warp, cert = faithful_noup[:2]
     assert warp.shape == (384, 1024, 4) and cert.shape == (384, 1024)
     np.testing.assert_allclose(cert.numpy(), ref["match_noup_cert"], rtol=0, atol=CERT_TOL)
     # layout: [grid_q, q->s | s->q, grid_s], flows clamped to [-1, 1]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import normalized_grid
-from .local_correlation import local_correlation
+from .local_correlation import chunk_for_budget, local_correlation
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -111,7 +111,8 @@ class ConvRefiner(nn.Module):
         if local_corr_radius and not displacement_emb_dim:
             raise ValueError("local_corr_radius needs displacement_emb_dim (the DKMv3 refiner layout)")
         self.local_corr_radius = local_corr_radius or None
-        #: window offsets per grid_sample call of the fast path's local correlation (bounds its memory)
+        #: window offsets per grid_sample call of the fast path's local correlation (bounds its memory;
+        #: None = as many as fit in 2**25 sampled elements)
         self.corr_chunk = corr_chunk
 
     @staticmethod
@@ -156,7 +157,7 @@ class ConvRefiner(nn.Module):
             if self.local_corr_radius:
                 chunk = None
                 if fast and not self.training:
-                    chunk = self.corr_chunk or 2 * self.local_corr_radius + 1
+                    chunk = self.corr_chunk or chunk_for_budget(*x.shape)
                 parts.append(local_correlation(x.to(flow.dtype), y.to(flow.dtype), self.local_corr_radius,
                                                flow=flow, chunk=chunk))
         return parts
