@@ -51,12 +51,9 @@ def main() -> int:
         problems = check_training("megadepth" if a.name == "megadepth" else "scannet", a.root)
     else:
         problems = check_benchmark(a.name, a.root)
-    for line in problems[:200]:
-        print("missing:", line)
-    if len(problems) > 200:
-        print(f"... and {len(problems) - 200} more")
-    print("OK" if not problems else f"INCOMPLETE: {len(problems)} problems")
-    return 0 if not problems else 1
+    from dkm.benchmarks.check import report
+
+    return report(problems)
 
 
 if __name__ == "__main__":

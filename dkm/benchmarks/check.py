@@ -45,10 +45,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     n, problems = check_tree(a.name, a.root, open_images=not a.no_images)
     print(f"{a.name} at {a.root}: {n} pairs listed, {len(problems)} problems")
-    for line in problems[:200]:
+    return report(problems)
+
+
+def report(problems: list[str], most: int = 200) -> int:
+    """Print the problems (at most ``most``) and a verdict; exit status 0 when there are none."""
+    for line in problems[:most]:
         print("missing:", line)
-    if len(problems) > 200:
-        print(f"... and {len(problems) - 200} more")
+    if len(problems) > most:
+        print(f"... and {len(problems) - most} more")
     print("OK" if not problems else f"INCOMPLETE: {len(problems)} problems")
     return 0 if not problems else 1
 
