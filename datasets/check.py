@@ -4,6 +4,7 @@
     python datasets/check.py scannet data/scannet
     python datasets/check.py yfcc data/yfcc100m_test
     python datasets/check.py megadepth1500 data/megadepth
+    python datasets/check.py megadepth_8_scenes data/megadepth
     python datasets/check.py megadepth data/megadepth      # training tree (prep_scene_info)
     python datasets/check.py scannet_train data/scannet     # training tree (scannet_indices)
 
@@ -44,7 +45,8 @@ def check_training(kind: str, root: str) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=["hpatches", "scannet", "yfcc", "megadepth1500", "megadepth", "scannet_train"])
+    p.add_argument("name", choices=["hpatches", "scannet", "yfcc", "megadepth1500", "megadepth_8_scenes", "megadepth",
+                                     "scannet_train"])
     p.add_argument("root")
     a = p.parse_args()
     if a.name in ("megadepth", "scannet_train"):

@@ -119,7 +119,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
     bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=cfg.limit)  # fails early
     indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    ckpt_hash, device, resolution = None, None, None
+    ckpt_hash, device, resolution, upsample_res = None, None, None, None
     if cfg.get("merge"):
         wanted = set(indices)
         records = [r for r in load_records(cfg.merge) if r["pair_index"] in wanted]
@@ -143,15 +143,16 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         model = model.to(device).eval()
         if hasattr(model, "inference_dtype"):
             model.inference_dtype = DTYPES[cfg.dtype]
-        resolution = bench.effective_resolution(model)
-        log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s", model_cfg.get("arch"),
-                 bench.name, len(indices), len(bench), device, resolution)
+        resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
+        log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
+                 model_cfg.get("arch"), bench.name, len(indices), len(bench), device, resolution, upsample_res)
         records = bench.evaluate_pairs(model, indices, progress=cfg.progress)
         metrics = bench.compute_metrics(records)
     result = {
         "benchmark": bench.name,
         "metrics": metrics,
-        "protocol": OmegaConf.to_container(cfg.benchmark, resolve=True) | {"effective_resolution": resolution},
+        "protocol": OmegaConf.to_container(cfg.benchmark, resolve=True) | {"effective_resolution": resolution,
+                                                                            "effective_upsample_res": upsample_res},
         "model": model_cfg,
         "checkpoint": None if cfg.ckpt is None else str(cfg.ckpt),
         "checkpoint_sha256": ckpt_hash,

@@ -195,17 +195,29 @@ def make_yfcc(root: Path, pairs_per_scene=2, hw=(360, 480), seed=0, scenes=("buc
     return root
 
 
+def _object_array(items) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item
+    return out
+
+
 def make_megadepth1500(root: Path, scene_names=("0015_0.1_0.3.npz", "0015_0.3_0.5.npz", "0022_0.1_0.3.npz",
                                                 "0022_0.3_0.5.npz", "0022_0.5_0.7.npz"), pairs_per_scene=1,
                        hw=(240, 320), seed=0, oracle: OracleMatcher | None = None):
-    """LoFTR scene-info .npz files + ``Undistorted_SfM/<scene>/images/*.jpg``."""
+    """MegaDepth scene-info .npz files + ``Undistorted_SfM/<scene>/images/*.jpg``, as published:
+    ``intrinsics``, ``poses`` and ``image_paths`` are object arrays over all images of the scene with
+    ``None`` for the unused ones (here slot 0); ``pair_infos`` entries are ``((i, j), overlap,
+    central_matches)`` (LoFTR's MegaDepth-1500 files) or ``(array([i, j]), overlap)`` (DKM's
+    ``mega_8_scenes_<scene>_<band>.npz``)."""
     rng = np.random.default_rng(seed)
     h, w = hw
     for si, name in enumerate(scene_names):
-        scene = name.split("_")[0]
+        eight_scenes = name.startswith("mega_8_scenes_")
+        scene = name.removeprefix("mega_8_scenes_").split("_")[0]
         d = root / "Undistorted_SfM" / scene / "images"
         d.mkdir(parents=True, exist_ok=True)
-        paths, Ks, Ts, infos = [], [], [], []
+        paths, Ks, Ts, infos = [None], [None], [None], []
         for j in range(pairs_per_scene):
             X, (R1, t1), (R2, t2) = _look_at_pair(rng)
             K = np.array([[300.0, 0, w / 2 + 3], [0, 300.0, h / 2 - 2], [0, 0, 1]])
@@ -219,12 +231,15 @@ def make_megadepth1500(root: Path, scene_names=("0015_0.1_0.3.npz", "0015_0.3_0.
                 Ks.append(K)
                 Ts.append(T)
                 ims.append(Image.open(d / fn))
-            infos.append(((len(paths) - 2, len(paths) - 1), 0.3, np.zeros(3)))
+            ij = (len(paths) - 2, len(paths) - 1)
+            infos.append((np.array(ij), 0.2) if eight_scenes else (ij, 0.3, np.zeros(3)))
             if oracle is not None:  # COLMAP intrinsics: pixel centres at i + 0.5
                 oracle.register(ims[0], ims[1], _project(X, R1, t1, K) + (oracle.center - 0.5),
                                 _project(X, R2, t2, K) + (oracle.center - 0.5))
-        pi = np.empty(len(infos), dtype=object)
-        pi[:] = infos
-        np.savez(root / name, pair_infos=pi, intrinsics=np.array(Ks), poses=np.array(Ts),
-                 image_paths=np.array(paths, dtype=object))
+        pi = np.empty((len(infos), len(infos[0])), dtype=object)
+        for r, info in enumerate(infos):
+            for c, v in enumerate(info):
+                pi[r, c] = v
+        np.savez(root / name, pair_infos=pi, intrinsics=_object_array(Ks), poses=_object_array(Ts),
+                 image_paths=_object_array(paths))
     return root

@@ -11,7 +11,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dkm.benchmarks import HpatchesHomogBenchmark, Megadepth1500Benchmark, ScanNetBenchmark, Yfcc100mBenchmark
+from dkm.benchmarks import (HpatchesHomogBenchmark, Megadepth1500Benchmark, Megadepth8ScenesBenchmark,
+                            ScanNetBenchmark, Yfcc100mBenchmark)
+from dkm.benchmarks.megadepth1500 import EIGHT_SCENES
 from dkm.evaluation import build_benchmark
 from dkm.models.sift import SiftMatcher
 from synthetic_benchmarks import OracleMatcher, make_hpatches, make_megadepth1500, make_scannet, make_yfcc
@@ -88,12 +90,16 @@ def test_sift_baseline_scores_high_on_synthetic_hpatches(tmp_path):
     ("scannet", make_scannet, ScanNetBenchmark, 0.0),
     ("yfcc", make_yfcc, Yfcc100mBenchmark, 0.5),
     ("megadepth1500", make_megadepth1500, Megadepth1500Benchmark, 0.5),
+    ("megadepth_8_scenes", lambda root, **kw: make_megadepth1500(root, scene_names=EIGHT_SCENES[::5], **kw),
+     Megadepth8ScenesBenchmark, 0.5),
 ])
 def test_pose_benchmarks_ground_truth_and_half_failed(tmp_path, name, maker, cls, center):
     proto = protocol(name)
     assert proto["center"] == center
     oracle = OracleMatcher(center=center)
     root = maker(tmp_path, oracle=oracle)
+    if name == "megadepth_8_scenes":
+        proto["scene_names"] = list(EIGHT_SCENES[::5])
     bench = cls(root, **proto)
     metrics, records = bench.run(oracle)
     n = len(bench)
@@ -170,7 +176,7 @@ def test_sift_on_real_hpatches(realdata_dir):
     assert 55 < metrics["auc@10"] < 85 and all(r["inliers"] >= 10 for r in records)
 
 
-@pytest.mark.parametrize("name", ["hpatches", "scannet", "yfcc", "megadepth1500"])
+@pytest.mark.parametrize("name", ["hpatches", "scannet", "yfcc", "megadepth1500", "megadepth_8_scenes"])
 def test_python_api_defaults_are_the_config_protocols(tmp_path, name):
     """``Benchmark(root)`` from Python (the original entry points) runs exactly conf/benchmark/<name>.yaml."""
     import inspect
@@ -178,7 +184,8 @@ def test_python_api_defaults_are_the_config_protocols(tmp_path, name):
     from dkm.benchmarks import BENCHMARKS
 
     maker = {"hpatches": make_hpatches, "scannet": make_scannet, "yfcc": make_yfcc,
-             "megadepth1500": make_megadepth1500}[name]
+             "megadepth1500": make_megadepth1500,
+             "megadepth_8_scenes": lambda root: make_megadepth1500(root, scene_names=EIGHT_SCENES)}[name]
     root = maker(tmp_path)
     a = BENCHMARKS[name](root)
     b = BENCHMARKS[name](root, **protocol(name))
@@ -200,3 +207,50 @@ def test_check_command_lists_missing_images(tmp_path):
     n, problems = check_tree("scannet", root)
     assert n == 2 and len(problems) == 1 and victim.name in problems[0]
     assert check_tree("yfcc", tmp_path / "none")[1][0].endswith("yfcc_test_pairs_with_gt.txt")
+
+
+class _SettingsProbe:
+    """A dense matcher stand-in that records the model settings in force when ``match`` runs."""
+
+    def __init__(self):
+        self.h_resized, self.w_resized = 384, 512
+        self.upsample_preds, self.upsample_res = False, (864, 1152)
+        self.seen = []
+
+    def match(self, im1, im2, check_cycle_consistency=False):
+        self.seen.append((self.h_resized, self.w_resized, self.upsample_preds, self.upsample_res))
+        raise RuntimeError("probe")
+
+
+@pytest.mark.parametrize("name,expected,effective", [
+    ("megadepth1500_dkmv3", (660, 880, True, (1152, 1536)), (1152, 1536)),
+    ("megadepth_8_scenes", (660, 880, True, (1152, 1536)), (1152, 1536)),
+    ("scannet_dkmv3", (480, 640, False, (864, 1152)), None),
+    ("hpatches_dkmv3", (540, 720, False, (864, 1152)), None),
+    ("megadepth1500", (384, 512, False, (864, 1152)), None),
+])
+def test_v3_protocols_set_resolution_and_upsampling_then_restore(tmp_path, name, expected, effective):
+    """Each benchmark config sets the release's internal resolution and upsampling pass on the model
+    while it runs (the model's own settings where the config says null), and restores them afterwards."""
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "benchmark" / f"{name}.yaml"))
+    maker = {"hpatches": make_hpatches, "scannet": make_scannet,
+             "megadepth1500": make_megadepth1500,
+             "megadepth_8_scenes": lambda root: make_megadepth1500(root, scene_names=EIGHT_SCENES[:1])}[cfg["name"]]
+    if cfg["name"] == "megadepth_8_scenes":
+        cfg["scene_names"] = list(EIGHT_SCENES[:1])
+    if cfg["name"] == "hpatches":
+        cfg["exclude_sequences"] += ["i_synth"]
+    bench = build_benchmark(cfg, data_root=maker(tmp_path))
+    probe = _SettingsProbe()
+    assert bench.effective_upsample_res(probe) == effective
+    records = bench.evaluate_pairs(probe, [0], progress=False)
+    assert probe.seen == [expected] and records[0]["failed"] and "probe" in records[0]["reason"]
+    assert (probe.h_resized, probe.w_resized, probe.upsample_preds, probe.upsample_res) == (384, 512, False, (864, 1152))
+
+
+def test_upsample_preds_without_resolution_is_rejected(tmp_path):
+    root = make_megadepth1500(tmp_path, scene_names=EIGHT_SCENES[:1])
+    with pytest.raises(ValueError, match="upsample_res"):
+        Megadepth1500Benchmark(root, scene_names=EIGHT_SCENES[:1], upsample_preds=True)
+    with pytest.raises(ValueError, match=r"upsample_res must be \[h, w\]"):
+        Megadepth1500Benchmark(root, scene_names=EIGHT_SCENES[:1], upsample_preds=True, upsample_res=[1152])

@@ -86,6 +86,34 @@ def test_checkpoint_hash_and_internal_resolution(tiny_hpatches, tmp_path):
     res = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert res["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert res["protocol"]["effective_resolution"] == [32, 48]
+    assert res["protocol"]["effective_upsample_res"] is None  # v11 has no upsampling pass
     assert metrics["num_pairs"] == 1
     row = next(csv.DictReader(open(tmp_path / "run" / "pairs.csv")))
     assert int(row["num_matches"]) == 500
+
+
+def test_dkmv3_outdoor_on_megadepth_8_scenes_runs_the_upsampling_pass(tmp_path):
+    """evaluate.py model=dkmv3_outdoor benchmark=megadepth_8_scenes: the benchmark's own name, the
+    upsampling resolution taken from the benchmark config, the returned matches at that resolution."""
+    import torch
+
+    from dkm.benchmarks.megadepth1500 import EIGHT_SCENES
+    from dkm.models.zoo import build_model
+    from synthetic_benchmarks import make_megadepth1500
+
+    root = make_megadepth1500(tmp_path / "mega", scene_names=EIGHT_SCENES[:1], hw=(96, 128))
+    model = build_model({"arch": "dkmv3_outdoor", "h": 32, "w": 48, "upsample_res": [48, 64],
+                         "backbone_weights": None})
+    ckpt = tmp_path / "v3.pth"
+    torch.save(model.state_dict(), ckpt)
+    cfg = cfg_for("benchmark=megadepth_8_scenes", "model=dkmv3_outdoor", "model.backbone_weights=null",
+                  f"ckpt={ckpt}", f"data_root={root}", f"benchmark.scene_names=[{EIGHT_SCENES[0]}]",
+                  "benchmark.resolution=[32,48]", "benchmark.upsample_res=[64,96]", "benchmark.num_samples=300",
+                  "device=cpu", "progress=false")
+    metrics = evaluate_benchmark(cfg, tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert res["benchmark"] == "megadepth_8_scenes" and metrics["num_pairs"] == 1
+    assert res["protocol"]["effective_resolution"] == [32, 48]
+    assert res["protocol"]["effective_upsample_res"] == [64, 96]
+    row = next(csv.DictReader(open(tmp_path / "run" / "pairs.csv")))
+    assert row["failed"] == "False" and int(row["num_matches"]) == 300, row

@@ -1,7 +1,7 @@
 """Benchmarks: one code path (pairs -> records -> metrics) used by evaluate.py, Python and callbacks."""
 from .base import PairBenchmark, dedup_records
 from .hpatches import HpatchesHomogBenchmark
-from .megadepth1500 import Megadepth1500Benchmark
+from .megadepth1500 import Megadepth1500Benchmark, Megadepth8ScenesBenchmark
 from .relative_pose import RelativePoseBenchmark
 from .scannet import ScanNetBenchmark
 from .yfcc import Yfcc100mBenchmark
@@ -11,7 +11,9 @@ BENCHMARKS = {
     "scannet": ScanNetBenchmark,
     "yfcc": Yfcc100mBenchmark,
     "megadepth1500": Megadepth1500Benchmark,
+    "megadepth_8_scenes": Megadepth8ScenesBenchmark,
 }
 
-__all__ = ["BENCHMARKS", "HpatchesHomogBenchmark", "Megadepth1500Benchmark", "PairBenchmark",
+__all__ = ["BENCHMARKS", "HpatchesHomogBenchmark", "Megadepth1500Benchmark", "Megadepth8ScenesBenchmark",
+           "PairBenchmark",
            "RelativePoseBenchmark", "ScanNetBenchmark", "Yfcc100mBenchmark", "dedup_records"]

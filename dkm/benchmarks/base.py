@@ -43,18 +43,23 @@ class PairBenchmark(ABC):
         resolution: ``(h, w)`` internal resolution a dense DKM matcher runs at during this
             benchmark (set on its ``h_resized``/``w_resized`` and restored afterwards); ``None`` =
             the model's own. Ignored for matchers without those attributes (SIFT).
+        upsample_preds, upsample_res: the DKMv3 upsampling pass during this benchmark (set on the
+            model's attributes of the same names and restored afterwards): ``upsample_preds`` True /
+            False turns it on / off, ``upsample_res`` ``(H, W)`` is its resolution; ``None`` = the
+            model's own setting. Ignored for matchers without those attributes.
     """
 
     name = "benchmark"
 
     def __init__(self, data_root, *, seed: int = 0, num_samples: int = 10000, cycle_consistency: bool = False,
-                 center: float = 0.5, limit: int | None = None, check: bool = True, resolution=None):
+                 center: float = 0.5, limit: int | None = None, check: bool = True, resolution=None,
+                 upsample_preds: bool | None = None, upsample_res=None):
         self.data_root = Path(data_root)
-        if resolution is not None:
-            resolution = tuple(int(v) for v in resolution)
-            if len(resolution) != 2 or min(resolution) <= 0:
-                raise ValueError(f"{self.name}: resolution must be [h, w] (positive), got {resolution}")
-        self.resolution = resolution
+        self.resolution = self._size_or_none(resolution, "resolution")
+        self.upsample_res = self._size_or_none(upsample_res, "upsample_res")
+        self.upsample_preds = None if upsample_preds is None else bool(upsample_preds)
+        if self.upsample_preds and self.upsample_res is None:
+            raise ValueError(f"{self.name}: upsample_preds=true needs upsample_res=[H, W]")
         self.seed = int(seed)
         self.num_samples = int(num_samples)
         self.cycle_consistency = bool(cycle_consistency)
@@ -127,23 +132,51 @@ class PairBenchmark(ABC):
         return (normalized_to_pixel(matches[:, :2], hw1[0], hw1[1], c),
                 normalized_to_pixel(matches[:, 2:], hw2[0], hw2[1], c))
 
+    def _size_or_none(self, size, key: str):
+        if size is None:
+            return None
+        size = tuple(int(v) for v in size)
+        if len(size) != 2 or min(size) <= 0:
+            raise ValueError(f"{self.name}: {key} must be [h, w] (positive), got {size}")
+        return size
+
+    def _model_settings(self) -> dict:
+        """Model attributes this benchmark sets while it runs (only those it specifies)."""
+        out = {}
+        if self.resolution is not None:
+            out["h_resized"], out["w_resized"] = self.resolution
+        if self.upsample_preds is not None:
+            out["upsample_preds"] = self.upsample_preds
+        if self.upsample_res is not None:
+            out["upsample_res"] = self.upsample_res
+        return out
+
     def effective_resolution(self, model):
         """``(h, w)`` at which ``model`` matches in this benchmark, or ``None`` (not a dense DKM matcher)."""
         if not (hasattr(model, "h_resized") and hasattr(model, "w_resized")):
             return None
         return self.resolution or (int(model.h_resized), int(model.w_resized))
 
+    def effective_upsample_res(self, model):
+        """``(H, W)`` of the upsampling pass ``model`` runs in this benchmark, or ``None`` (no such pass)."""
+        if not hasattr(model, "upsample_preds"):
+            return None
+        on = model.upsample_preds if self.upsample_preds is None else self.upsample_preds
+        res = self.upsample_res or getattr(model, "upsample_res", None)
+        return tuple(int(v) for v in res) if on and res is not None else None
+
     @contextmanager
     def _at_resolution(self, model):
-        if self.resolution is None or not hasattr(model, "h_resized") or not hasattr(model, "w_resized"):
-            yield
-            return
-        old = (model.h_resized, model.w_resized)
-        model.h_resized, model.w_resized = self.resolution
+        """Apply :meth:`_model_settings` to the attributes ``model`` has; restore them afterwards."""
+        settings = {k: v for k, v in self._model_settings().items() if hasattr(model, k)}
+        old = {k: getattr(model, k) for k in settings}
+        for k, v in settings.items():
+            setattr(model, k, v)
         try:
             yield
         finally:
-            model.h_resized, model.w_resized = old
+            for k, v in old.items():
+                setattr(model, k, v)
 
     def evaluate_pairs(self, model, indices=None, progress: bool = True) -> list[dict]:
         """Records for the given pair indices (default: all), each seeded by its index, so any

@@ -8,6 +8,9 @@ from ..geometry.pose import relative_pose
 from .relative_pose import RelativePoseBenchmark
 
 SCENE_INFOS = ("0015_0.1_0.3.npz", "0015_0.3_0.5.npz", "0022_0.1_0.3.npz", "0022_0.3_0.5.npz", "0022_0.5_0.7.npz")
+#: MegaDepth-8-Scenes: the DKM release's ``assets/mega_8_scenes_<scene>_<overlap band>.npz``, in its order
+EIGHT_SCENES = tuple(f"mega_8_scenes_{scene}_{band}.npz" for band in ("0.1_0.3", "0.3_0.5")
+                     for scene in ("0019", "0025", "0021", "0008", "0032", "1589", "0063", "0024"))
 
 
 class Megadepth1500Benchmark(RelativePoseBenchmark):
@@ -48,3 +51,17 @@ class Megadepth1500Benchmark(RelativePoseBenchmark):
         R, t = relative_pose(pair["T1"][:3, :3], pair["T1"][:3, 3], pair["T2"][:3, :3], pair["T2"][:3, 3])
         return {"im1": Image.open(self.data_root / pair["im1"]), "im2": Image.open(self.data_root / pair["im2"]),
                 "K1": pair["K1"], "K2": pair["K2"], "R": R, "t": t}
+
+
+class Megadepth8ScenesBenchmark(Megadepth1500Benchmark):
+    """MegaDepth-8-Scenes (DKM's split): the MegaDepth-1500 protocol on the release's 16 pair files
+    (same scene-info format, images from ``Undistorted_SfM/``)."""
+
+    name = "megadepth_8_scenes"
+
+    #: the release evaluates these pairs only with DKMv3 outdoor's test settings (= conf/benchmark/megadepth_8_scenes.yaml)
+    PROTOCOL = Megadepth1500Benchmark.PROTOCOL | {"resolution": (660, 880), "upsample_preds": True,
+                                                   "upsample_res": (1152, 1536)}
+
+    def __init__(self, data_root="data/megadepth", *, scene_names=EIGHT_SCENES, **kw):
+        super().__init__(data_root, scene_names=scene_names, **kw)
