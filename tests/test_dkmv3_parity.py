@@ -141,9 +141,10 @@ def test_match_preprocessing_matches_release(faithful_noup, fast_up, ref):
     up = np.concatenate((ref["query_up"], ref["support_up"]))
     (x,) = faithful_noup[3]
     np.testing.assert_array_equal(x.numpy(), first)
-    x_first, x_up = fast_up[3]  # the fast path: one pair per encoder pass, then the upsampling pass
-    np.testing.assert_array_equal(x_first.numpy(), first)
-    np.testing.assert_array_equal(x_up.numpy(), up)
+    # the fast path: query and support through the encoder separately, then the same at the upsampling size
+    x_q, x_s, x_q_up, x_s_up = fast_up[3]
+    np.testing.assert_array_equal(np.concatenate((x_q.numpy(), x_s.numpy())), first)
+    np.testing.assert_array_equal(np.concatenate((x_q_up.numpy(), x_s_up.numpy())), up)
 
 
 @pytest.mark.slow  # ~1 min in total on 2 cores: two DKMv3 matches shared by these tests

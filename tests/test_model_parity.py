@@ -77,14 +77,16 @@ def test_match_on_images_matches_release(model, ref, cycle, fast):
     prefix = "match_cc" if cycle else "match"
     assert warp.shape == (384, 512, 4) and cert.shape == (384, 512)
     np.testing.assert_allclose(cert.numpy(), ref[f"{prefix}_cert"], rtol=0, atol=CERT_TOL)
-    if not (fast and cycle):
+    if not cycle:
         np.testing.assert_allclose(warp.numpy(), ref[f"{prefix}_warp"], rtol=0, atol=FLOW_TOL)
         return
     # With cycle consistency the query half is the cycle-mapped point: stable_neighbours composes
     # the two flows four times, which amplifies float32 rounding about tenfold at unstable pixels
-    # (with random weights: all of them). The fast path rounds differently (Cholesky GP solve, which
-    # is closer to float64 than the release's inverse: see the test below), so a fraction of a
-    # percent of those points move by up to ~5e-4; the support half and certainty stay in tolerance.
+    # (with random weights: all of them). Whatever rounds differently moves a fraction of a percent
+    # of those points by up to ~7e-4: the fast path (Cholesky GP solve, closer to float64 than the
+    # release's inverse: see the test below), and the faithful path itself on a CPU whose oneDNN
+    # kernels differ from those of the machine that made the fixture (measured on an AVX2-only AMD
+    # EPYC; bit-identical on the fixture's machine). Certainty stays in tolerance (asserted above).
     err = np.abs(warp.numpy() - ref[f"{prefix}_warp"]).max(-1)
     assert (err <= FLOW_TOL).mean() >= 0.98, (err <= FLOW_TOL).mean()
     assert err.max() <= 1e-3

@@ -19,6 +19,19 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)
 
 
+def _cat_channels_last(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts, dim=1)`` written straight into a channels-last tensor (one pass over the
+    data instead of a concatenation followed by a layout copy)."""
+    b, _, h, w = parts[0].shape
+    out = torch.empty((b, sum(p.shape[1] for p in parts), h, w), dtype=parts[0].dtype, device=parts[0].device,
+                      memory_format=torch.channels_last)
+    c = 0
+    for p in parts:
+        out[:, c:c + p.shape[1]] = p
+        c += p.shape[1]
+    return out
+
+
 class RRB(nn.Module):
     """Residual refinement block: ``relu(conv1(x) + conv3(relu(bn(conv2(conv1(x))))))``."""
 
@@ -134,14 +147,14 @@ class ConvRefiner(nn.Module):
         """
         with torch.no_grad():  # gradients through grid_sample were unstable in the original work
             y_warped = F.grid_sample(y.to(flow.dtype), flow.permute(0, 2, 3, 1), mode="bilinear", align_corners=False)
-        if self.disp_emb is None:  # v11
-            d = torch.cat((x.to(y_warped.dtype), y_warped), dim=1)
-        else:  # DKMv3: [x, warped y, displacement embedding, local correlation]
-            d = torch.cat((x.to(y_warped.dtype), y_warped, *self._v3_inputs(x, y, flow, fast)), dim=1)
+        parts = [x.to(y_warped.dtype), y_warped]
+        del y_warped
+        if self.disp_emb is not None:  # DKMv3: [x, warped y, displacement embedding, local correlation]
+            parts += self._v3_inputs(x, y, flow, fast)
         if fast and not self.training:
-            d = self._blocks_folded(d.contiguous(memory_format=torch.channels_last))
+            d = self._blocks_folded(parts)  # takes ownership: each activation is freed once consumed
         else:
-            d = self.hidden_blocks(self.block1(d))
+            d = self.hidden_blocks(self.block1(torch.cat(parts, dim=1)))
         d = self.out_conv(d).to(flow.dtype)
         return d[:, :-2], d[:, -2:]
 
@@ -162,9 +175,12 @@ class ConvRefiner(nn.Module):
                                                flow=flow, chunk=chunk))
         return parts
 
-    def _blocks_folded(self, d: torch.Tensor) -> torch.Tensor:
-        """The blocks with eval-mode BatchNorm folded into the preceding conv (a few kB of weights
-        recomputed per call, so it always reflects the current parameters)."""
+    def _blocks_folded(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The blocks on the channels-last concatenation of ``parts`` (emptied: the list is the only
+        reference the caller keeps), with eval-mode BatchNorm folded into the preceding conv (a few
+        kB of weights recomputed per call, so it always reflects the current parameters)."""
+        d = _cat_channels_last(parts)
+        parts.clear()
         for conv, bn, _, pointwise in (self.block1, *self.hidden_blocks):
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
             weight = conv.weight * scale.reshape(-1, 1, 1, 1)
@@ -197,7 +213,8 @@ class Decoder(nn.Module):
         self.detach = detach
 
     def forward(self, f_q: dict, f_s: dict, fast: bool = False, refine_dtype: torch.dtype | None = None,
-                upsample: bool = False, flow: torch.Tensor | None = None, certainty: torch.Tensor | None = None) -> dict:
+                upsample: bool = False, flow: torch.Tensor | None = None, certainty: torch.Tensor | None = None,
+                consume: bool = False) -> dict:
         """Feature pyramids ``{stride: (B, C, H/stride, W/stride)}`` -> ``{stride: {"dense_flow":
         (B, 2, h, w), "dense_certainty": (B, 1, h, w)}}`` (flow in normalized support coordinates,
         certainty as logits; float32 also under autocast).
@@ -207,6 +224,8 @@ class Decoder(nn.Module):
         float16); the GP, the embedding decoder and all flow arithmetic stay in float32.
         ``upsample`` (DKMv3): only the refiners at strides 8, 4, 2, 1 run, starting from ``flow``
         (B, 2, h', w') and ``certainty`` (B, 1, h', w') logits resized to the stride-8 grid.
+        ``consume`` (inference): remove each level from ``f_q`` and ``f_s`` once its scale is done, so
+        that its memory is freed before the finer (larger) scales run.
         """
         coarse = self.embedding_decoder.scales()
         sizes = {s: f_q[s].shape[-2:] for s in f_q}
@@ -224,6 +243,7 @@ class Decoder(nn.Module):
             state = ref.new_zeros(b, self.embedding_decoder.internal_dim, *sizes[32])
             flow = normalized_grid(*sizes[32], device=ref.device, dtype=dtype, batch=b).permute(0, 3, 1, 2)
             certainty = 0.0
+        del ref
         out = {}
         for s in scales:
             k = str(s)
@@ -243,6 +263,9 @@ class Decoder(nn.Module):
                 )
                 certainty = certainty + delta_c
             out[s] = {"dense_flow": flow, "dense_certainty": certainty}
+            if consume:
+                del fq, fs
+                f_q.pop(s), f_s.pop(s)
             if s != 1:
                 nxt = sizes[s // 2]
                 flow = F.interpolate(flow, size=nxt, mode="bilinear", align_corners=False)
