@@ -14,12 +14,22 @@ faithful output.
 Each architecture runs at its own default resolution unless --h/--w are given. DKMv3 matches both
 directions in one match() (symmetric), so its cycle-consistency variants (a v11 option) are skipped;
 its deviation is measured on all four columns of its (H, 2W, 4) output.
+
+The reduced-precision variants run by default only where bfloat16 (CPU: AVX512-BF16 or AMX) or
+float16 (CUDA) is native; elsewhere it is emulated and slower than float32 (select them with
+--variants to measure that anyway). The header names the CPU and its capabilities.
+
+Time on CPU depends on the C allocator: glibc returns freed activations to the kernel and then
+page-faults them back in on every match (the "faults/match" column). ``--malloc no-trim`` runs
+every variant with MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=16 GiB (equivalent in
+effect to jemalloc/tcmalloc via LD_PRELOAD, PyTorch's usual CPU advice), which removes those faults.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import resource
 import statistics
 import subprocess
@@ -31,6 +41,9 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger("match_speed")
+
+#: environment of the workers for --malloc no-trim (glibc: freed memory stays with the process)
+NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
 
 VARIANTS = {
     # name: (fast, cycle, reduced precision)
@@ -99,17 +112,19 @@ def worker(args) -> None:
     warp, cert = run(1)
     first = time.perf_counter() - t0
     peak_one_match = rss_mib()
-    times = {}
+    times, faults = {}, {}
     for b in args.batches:
-        ts = []
+        ts, fs = [], []
         for _ in range(args.repeats):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             run(b)
             ts.append(time.perf_counter() - t0)
-        times[b] = statistics.median(ts)
+            fs.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        times[b], faults[b] = statistics.median(ts), statistics.median(fs)
     np.savez(args.out, warp=warp.float().cpu().numpy(), cert=cert.float().cpu().numpy())
     print(json.dumps({
-        "variant": args.variant, "first": first, "median": times, "peak_rss_mib": peak_one_match,
+        "variant": args.variant, "first": first, "median": times, "minor_faults": faults, "peak_rss_mib": peak_one_match,
         "rss_before_torch_mib": import_rss_before, "rss_after_import_mib": import_rss,
     }))
 
@@ -133,6 +148,7 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
     from dkm.utils.synthetic_weights import synthetic_state_dict
 
     variants = [v for v in args.variants if not (is_v3 and v.endswith("_cc"))]
+    env = os.environ | (NO_TRIM_ENV if args.malloc == "no-trim" else {})
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "synthetic.pth"
@@ -145,20 +161,23 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
                    "--threads", str(args.threads), "--repeats", str(args.repeats),
                    "--batches", *map(str, args.batches)]
             log.info("running %s %s ...", arch, v)
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode != 0:
                 raise SystemExit(f"variant {v} of {arch} failed:\n{res.stderr}")
             results[v] = json.loads(res.stdout.strip().splitlines()[-1])
             outputs[v] = dict(np.load(out))
 
-    print(f"\nmatch() on {arch} at {h}x{w}, {args.device}, {args.threads} threads, "
+    from dkm.utils.device import cpu_description
+
+    where = f"{args.device} ({cpu_description()})" if args.device == "cpu" else args.device
+    print(f"\nmatch() on {arch} at {h}x{w}, {where}, {args.threads} threads, malloc {args.malloc}, "
           f"median of {args.repeats} (pair: astronaut + homography, synthetic weights)")
-    print(f"{'variant':<14} {'s/match':>8} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
+    print(f"{'variant':<14} {'s/match':>8} {'faults/match':>12} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
           f"{'max dflow px':>12} {'p99 dflow px':>12} {'max dcert':>9}")
     for v, r in results.items():
         base = "faithful_cc" if v.endswith("_cc") else "faithful"
         t = r["median"]["1"]
-        line = f"{v:<14} {t:8.3f}"
+        line = f"{v:<14} {t:8.3f} {r['minor_faults']['1']:12.0f}"
         if base in results:
             tb, mb = results[base]["median"]["1"], results[base]["peak_rss_mib"]
             line += f" {tb / t:10.2f}x {r['peak_rss_mib']:9.0f} {r['peak_rss_mib'] / mb:10.2f}x"
@@ -194,7 +213,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batches", type=int, nargs="+", default=[1])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                   help="default: all, without the reduced-precision ones where that precision is emulated")
+    p.add_argument("--malloc", choices=["default", "no-trim"], default="default",
+                   help="no-trim: glibc keeps freed memory (no page faults per match; see above)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -203,6 +225,17 @@ def main() -> None:
         args.arch = args.arch[0]
         return worker(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.variants is None:
+        import torch
+
+        from dkm.utils.device import reduced_precision_is_native
+
+        lowp = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
+        args.variants = list(VARIANTS)
+        if not reduced_precision_is_native(args.device, lowp):
+            args.variants = [v for v in VARIANTS if not VARIANTS[v][2]]
+            log.info("%s is emulated on this %s: skipping the reduced-precision variants (--variants to force)",
+                     lowp, args.device)
     for arch in args.arch:
         h, w, is_v3 = arch_info(arch)
         run_arch(args, arch, args.h or h, args.w or w, is_v3)

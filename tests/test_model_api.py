@@ -212,3 +212,26 @@ def test_no_hard_coded_cuda_in_package():
 
     offenders = [str(p) for p in pathlib.Path(dkm.__file__).parent.rglob("*.py") if ".cuda(" in p.read_text()]
     assert offenders == []
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_reduced_precision_warns_once_where_it_is_emulated(small, rgb, monkeypatch, caplog, native):
+    import dkm.models.matcher as matcher
+
+    monkeypatch.setattr(matcher, "reduced_precision_is_native", lambda device, dtype: native)
+    small.__dict__.pop("_warned_dtypes", None)
+    with caplog.at_level("WARNING", logger="dkm.models.matcher"):
+        for _ in range(2):
+            warp, _ = small.match(rgb, rgb, dtype=torch.bfloat16)
+            assert warp.dtype == torch.float32 and torch.isfinite(warp).all()
+    warnings = [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(warnings) == (0 if native else 1)
+
+
+def test_device_capabilities_are_described():
+    from dkm.utils.device import cpu_description, cpu_has_native_bf16, reduced_precision_is_native
+
+    assert not reduced_precision_is_native("cpu", torch.float16)  # oneDNN has no float16 path on CPU here
+    assert reduced_precision_is_native("cpu", torch.bfloat16) == cpu_has_native_bf16()
+    desc = cpu_description()
+    assert torch.backends.cpu.get_cpu_capability() in desc and "bfloat16" in desc

@@ -1,14 +1,19 @@
 """RegressionMatcher: the DKM model (encoder + decoder) and its user-facing ``match``/``sample``."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import DEFAULT_CENTER, normalized_grid, normalized_to_pixel
+from ..utils.device import reduced_precision_is_native
 from ..utils.image import check_image_tensor, load_image, normalize, pil_to_tensor, resize_tensor
 from .sampling import SAMPLE_MODES, sample_matches
+
+log = logging.getLogger(__name__)
 
 
 class _SampleMethod:
@@ -305,6 +310,12 @@ class RegressionMatcher(nn.Module):
         dtype = dtype or self.inference_dtype or torch.float32
         if dtype != torch.float32 and not fast:
             raise ValueError(f"dtype={dtype} needs the fast path (fast=True); the faithful path is float32")
+        if dtype != torch.float32 and not reduced_precision_is_native(self.device, dtype):
+            warned = self.__dict__.setdefault("_warned_dtypes", set())
+            if (self.device.type, dtype) not in warned:
+                warned.add((self.device.type, dtype))
+                log.warning("match(dtype=%s): this %s has no native %s convolutions (CPU: needs AVX512-BF16 or "
+                            "AMX); they are emulated and slower than float32", dtype, self.device.type, dtype)
         was_training = self.training
         if self.version == "v3":
             if check_cycle_consistency or do_pred_in_og_res:
