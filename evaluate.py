@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dkm.evaluation import evaluate_benchmark
+from dkm.utils.device import keep_freed_memory
 
 log = logging.getLogger("evaluate")
 
@@ -22,6 +23,8 @@ log = logging.getLogger("evaluate")
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    if cfg.keep_freed_memory:
+        log.info("glibc keeps freed memory (no page faults per match): %s", keep_freed_memory())
     metrics = evaluate_benchmark(cfg, out_dir)
     return metrics
 

@@ -21,7 +21,8 @@ float16 (CUDA) is native; elsewhere it is emulated and slower than float32 (sele
 
 Time on CPU depends on the C allocator: glibc returns freed activations to the kernel and then
 page-faults them back in on every match (the "faults/match" column). ``--malloc no-trim`` runs
-every variant with MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=16 GiB (equivalent in
+every variant with MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=2 GiB (the settings
+``dkm.utils.device.keep_freed_memory()`` applies and ``evaluate.py`` uses by default; similar in
 effect to jemalloc/tcmalloc via LD_PRELOAD, PyTorch's usual CPU advice), which removes those faults.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 log = logging.getLogger("match_speed")
 
 #: environment of the workers for --malloc no-trim (glibc: freed memory stays with the process)
-NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30)}
+NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}  # = keep_freed_memory()
 
 VARIANTS = {
     # name: (fast, cycle, reduced precision)

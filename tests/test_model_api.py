@@ -235,3 +235,21 @@ def test_device_capabilities_are_described():
     assert reduced_precision_is_native("cpu", torch.bfloat16) == cpu_has_native_bf16()
     desc = cpu_description()
     assert torch.backends.cpu.get_cpu_capability() in desc and "bfloat16" in desc
+
+
+def test_keep_freed_memory_applies_on_glibc_and_checks_its_arguments():
+    """The allocator switch of evaluate.py (its speed effect is measured by bench/match_speed.py
+    --malloc no-trim, not here): applied in a fresh process on glibc, C-int range enforced."""
+    import platform
+    import subprocess
+    import sys
+
+    from dkm.utils.device import keep_freed_memory
+
+    with pytest.raises(ValueError, match="C int"):
+        keep_freed_memory(trim_threshold=16 << 30)  # would silently wrap to 0 (= trim everything)
+    code = "from dkm.utils.device import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out.stdout.strip() == str(glibc)

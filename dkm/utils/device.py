@@ -44,3 +44,31 @@ def cpu_description() -> str:
     except AttributeError:
         capability = "unknown"
     return f"{name}, {capability}, bfloat16 {'native' if cpu_has_native_bf16() else 'emulated'}"
+
+
+#: glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = (1 << 31) - 1) -> bool:
+    """Ask glibc to keep freed memory in the process (``mallopt``): blocks up to ``mmap_threshold``
+    bytes come from the heap, and the heap is only returned to the kernel beyond ``trim_threshold``
+    bytes of free space. Repeated inference then stops page-faulting its activations back in on every
+    call (on a 2-core CPU: 74k faults and about 0.3-0.9 s per DKM match). Affects the whole process
+    (its resident set stays at its peak): call it from a program's entry point, not from library code.
+
+    ``mallopt`` takes C ``int`` values: both thresholds must be below 2 GiB.
+    Returns whether the settings were applied (False where the C library is not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    if not 0 < mmap_threshold < 2**31 or not 0 < trim_threshold < 2**31:
+        raise ValueError(f"thresholds must be in (0, 2**31) (C int), got {mmap_threshold} and {trim_threshold}")
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+    except (OSError, AttributeError):
+        return False
