@@ -8,6 +8,7 @@ faithful output.
 
     python bench/match_speed.py                    # CPU, 2 threads, dkm_base at 384x512
     python bench/match_speed.py --repeats 5 --batches 1 2 4
+    python bench/match_speed.py --repeats 3 --rounds 3   # 3 interleaved processes per variant (noisy machines)
     python bench/match_speed.py --device cuda      # float16 instead of bfloat16 for the reduced variant
     python bench/match_speed.py --arch dkm_base dkmv3_indoor   # v11 at 384x512 next to DKMv3 indoor at 480x640
 
@@ -142,6 +143,15 @@ def arch_info(arch: str):
     return h, w, spec.get("version") == "v3"
 
 
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One worker result from several rounds: medians of the per-round medians, faults and peaks."""
+    out = dict(rounds[0])
+    for key in ("median", "minor_faults"):
+        out[key] = {b: statistics.median(r[key][b] for r in rounds) for b in rounds[0][key]}
+    out["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in rounds)
+    return out
+
+
 def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
     import torch
 
@@ -155,24 +165,27 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
         weights = Path(tmp) / "synthetic.pth"
         shapes = dkm.build_model({"arch": arch, "h": h, "w": w}).state_dict()
         torch.save(synthetic_state_dict(shapes, seed=0), weights)
-        for v in variants:
-            out = Path(tmp) / f"{v}.npz"
-            cmd = [sys.executable, __file__, "--variant", v, "--weights", str(weights), "--out", str(out),
-                   "--arch", arch, "--h", str(h), "--w", str(w), "--device", args.device,
-                   "--threads", str(args.threads), "--repeats", str(args.repeats),
-                   "--batches", *map(str, args.batches)]
-            log.info("running %s %s ...", arch, v)
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if res.returncode != 0:
-                raise SystemExit(f"variant {v} of {arch} failed:\n{res.stderr}")
-            results[v] = json.loads(res.stdout.strip().splitlines()[-1])
-            outputs[v] = dict(np.load(out))
+        rounds = {v: [] for v in variants}
+        for r in range(args.rounds):  # variants interleaved, so that a drifting machine load hits all alike
+            for v in variants:
+                out = Path(tmp) / f"{v}.npz"
+                cmd = [sys.executable, __file__, "--variant", v, "--weights", str(weights), "--out", str(out),
+                       "--arch", arch, "--h", str(h), "--w", str(w), "--device", args.device,
+                       "--threads", str(args.threads), "--repeats", str(args.repeats),
+                       "--batches", *map(str, args.batches)]
+                log.info("running %s %s (round %d of %d) ...", arch, v, r + 1, args.rounds)
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if res.returncode != 0:
+                    raise SystemExit(f"variant {v} of {arch} failed:\n{res.stderr}")
+                rounds[v].append(json.loads(res.stdout.strip().splitlines()[-1]))
+                outputs[v] = dict(np.load(out))
+        results = {v: combine_rounds(rs) for v, rs in rounds.items()}
 
     from dkm.utils.device import cpu_description
 
     where = f"{args.device} ({cpu_description()})" if args.device == "cpu" else args.device
     print(f"\nmatch() on {arch} at {h}x{w}, {where}, {args.threads} threads, malloc {args.malloc}, "
-          f"median of {args.repeats} (pair: astronaut + homography, synthetic weights)")
+          f"median of {args.repeats} repeats x {args.rounds} round(s) (pair: astronaut + homography, synthetic weights)")
     print(f"{'variant':<14} {'s/match':>8} {'faults/match':>12} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
           f"{'max dflow px':>12} {'p99 dflow px':>12} {'max dcert':>9}")
     for v, r in results.items():
@@ -212,7 +225,9 @@ def main() -> None:
     p.add_argument("--w", type=int, default=None, help="internal width (default: the architecture's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed matches per worker process")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="worker processes per variant, run interleaved; medians over rounds are reported")
     p.add_argument("--batches", type=int, nargs="+", default=[1])
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="default: all, without the reduced-precision ones where that precision is emulated")
