@@ -36,6 +36,18 @@ def load_npz(fixtures_dir: Path, name: str) -> dict:
     return dict(np.load(path))
 
 
+def state_dict_signature(model) -> list:
+    """``[name, shape, dtype]`` of every state_dict entry in order: the format of the fixtures' key lists."""
+    return [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()]
+
+
+def assert_weight_sums(state_dict: dict, ref: dict) -> None:
+    """Synthetic weights match the fixture's per-tensor float64 sums (``weight_keys``/``weight_sums``)."""
+    sums = dict(zip(ref["weight_keys"], ref["weight_sums"]))
+    bad = [k for k in sums if abs(float(state_dict[k].double().sum()) - sums[k]) > 1e-6 * max(1.0, abs(sums[k]))]
+    assert not bad, f"weight sums differ from the fixture for {bad[:5]}"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _torch_threads():
     import torch

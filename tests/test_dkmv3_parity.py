@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_weight_sums, load_npz, state_dict_signature
 from PIL import Image
 
 from dkm import DKMv3_indoor, DKMv3_outdoor
@@ -24,13 +25,6 @@ FLOW_TOL, LOGIT_TOL, CERT_TOL = 2e-4, 2e-3, 5e-4
 SCALES = (32, 16, 8, 4, 2, 1)
 
 
-def _npz(fixtures_dir, name):
-    path = fixtures_dir / name
-    if not path.exists():
-        pytest.skip(f"fixture {name} not found at {path}")
-    return dict(np.load(path))
-
-
 @pytest.fixture(scope="module")
 def keys(fixtures_dir):
     path = fixtures_dir / "dkmv3_keys.json"
@@ -41,7 +35,7 @@ def keys(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def ref(fixtures_dir):
-    return _npz(fixtures_dir, "dkmv3_parity.npz")
+    return load_npz(fixtures_dir, "dkmv3_parity.npz")
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +87,14 @@ def test_state_dict_keys_shapes_and_order_match_release(keys):
     for make in (DKMv3_outdoor, DKMv3_indoor):
         with torch.device("meta"):
             m = make(pretrained=False)
-        got = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in m.state_dict().items()]
-        assert got == keys
+        assert state_dict_signature(m) == keys
         assert sum(p.numel() for p in m.parameters()) == 72_261_090
 
 
 def test_synthetic_weights_follow_fixture_recipe(keys, ref):
     sd = synthetic_state_dict({n: s for n, s, _ in keys}, seed=0)
     assert state_dict_digest(sd) == V3_DIGEST
-    sums = dict(zip(ref["weight_keys"], ref["weight_sums"]))
-    assert all(abs(float(sd[k].double().sum()) - sums[k]) <= 1e-6 * max(1.0, abs(sums[k])) for k in sums)
+    assert_weight_sums(sd, ref)
 
 
 def test_release_defaults(model):

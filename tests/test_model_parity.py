@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import load_npz
+from conftest import assert_weight_sums, load_npz, state_dict_signature
 import torch
 from PIL import Image
 
@@ -34,16 +34,14 @@ def model(keys):
 
 def test_state_dict_keys_shapes_and_order_match_release(keys):
     model = dkm_base(pretrained=False, backbone_weights=None)
-    got = [[k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in model.state_dict().items()]
-    assert got == keys
+    assert state_dict_signature(model) == keys
     assert sum(p.numel() for p in model.parameters()) == 61_698_621
 
 
 def test_synthetic_weights_follow_fixture_recipe(keys, ref):
     sd = synthetic_state_dict({n: s for n, s, _ in keys}, seed=0)
     assert state_dict_digest(sd) == V11_DIGEST
-    sums = dict(zip(ref["weight_keys"], ref["weight_sums"]))
-    assert all(abs(float(sd[k].double().sum()) - sums[k]) <= 1e-6 * max(1.0, abs(sums[k])) for k in sums)
+    assert_weight_sums(sd, ref)
 
 
 def test_forward_matches_release_at_every_scale(model, ref):
