@@ -55,12 +55,20 @@ def _match_capturing(model, ref, *, fast, upsample):
     inputs = []
     handles = [model.decoder.register_forward_hook(hook, with_kwargs=True),
                model.encoder.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone()))]
+    encode_fast = model._encode_fast  # the fast path's encoder entry (Encoder.forward_fused, no module call)
+
+    def capture_fast(*images, **kwargs):
+        inputs.extend(x.clone() for x in images)
+        return encode_fast(*images, **kwargs)
+
     old = model.upsample_preds
     model.upsample_preds = upsample
+    model._encode_fast = capture_fast
     try:
         warp, cert = model.match(Image.fromarray(ref["im1"]), Image.fromarray(ref["im2"]), fast=fast)
     finally:
         model.upsample_preds = old
+        del model._encode_fast
         for h in handles:
             h.remove()
     return warp, cert, calls, inputs

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import normalized_grid
+from .fused import conv2d_relu, fold_batchnorm
 from .local_correlation import chunk_for_budget, local_correlation
 
 
@@ -177,16 +178,14 @@ class ConvRefiner(nn.Module):
 
     def _blocks_folded(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """The blocks on the channels-last concatenation of ``parts`` (emptied: the list is the only
-        reference the caller keeps), with eval-mode BatchNorm folded into the preceding conv (a few
-        kB of weights recomputed per call, so it always reflects the current parameters)."""
+        reference the caller keeps), with eval-mode BatchNorm folded into the depthwise conv and the
+        ReLU fused into it (:mod:`.fused`; a few kB of weights folded per call, so it always
+        reflects the current parameters)."""
         d = _cat_channels_last(parts)
         parts.clear()
         for conv, bn, _, pointwise in (self.block1, *self.hidden_blocks):
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-            bias = (conv.bias - bn.running_mean) * scale + bn.bias
-            d = F.conv2d(d, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-            d = pointwise(torch.relu_(d))
+            d = conv2d_relu(d, *fold_batchnorm(conv, bn), conv)
+            d = conv2d_relu(d, pointwise.weight, pointwise.bias, pointwise, relu=False)
         return d
 
 

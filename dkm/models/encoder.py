@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.models import ResNet
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .fused import conv2d_relu, fold_batchnorm
 
 #: Output channels per stride ``{32, 16, 8, 4, 2, 1}`` of the supported torchvision ResNets.
 PYRAMID_CHANNELS = {
@@ -47,6 +50,43 @@ class Encoder(nn.Module):
                 break
             t = feats[stride] = layer(t)
         return {s: feats[s] for s in (32, 16, 8, 4, 2, 1) if s in feats}
+
+    def forward_fused(self, images: list[torch.Tensor], max_stride: int = 32) -> list[dict[int, torch.Tensor]]:
+        """Inference: the pyramids of several inputs (each (B, 3, H, W), channels-last preferred) as
+        :meth:`forward` computes them, with every BatchNorm folded into its convolution once for all
+        inputs and the ReLUs and residual additions fused into the convolutions (:mod:`.fused`).
+        Needs eval mode (folding uses BatchNorm's running statistics) and the stock torchvision stem
+        and blocks (else it falls back to :meth:`forward` per input)."""
+        r = self.backbone
+        blocks = [b for layer in (r.layer1, r.layer2, r.layer3, r.layer4) for b in layer]
+        if self.training or not all(type(b) in (Bottleneck, BasicBlock) for b in blocks):
+            return [self.forward(x, max_stride=max_stride) for x in images]
+        feats = [{1: x} for x in images]
+
+        def conv_bn(conv, bn, xs, relu=True, residuals=None):
+            weight, bias = fold_batchnorm(conv, bn)
+            residuals = residuals or [None] * len(xs)
+            return [conv2d_relu(x, weight, bias, conv, relu=relu, residual=res) for x, res in zip(xs, residuals)]
+
+        xs = conv_bn(r.conv1, r.bn1, images)
+        for f, x in zip(feats, xs):
+            f[2] = x
+        xs = [r.maxpool(x) for x in xs]
+        for stride, layer in ((4, r.layer1), (8, r.layer2), (16, r.layer3), (32, r.layer4)):
+            if stride > max_stride:
+                break
+            for block in layer:
+                identity = xs if block.downsample is None else conv_bn(*block.downsample, xs, relu=False)
+                convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+                if isinstance(block, Bottleneck):
+                    convs.append((block.conv3, block.bn3))
+                for conv, bn in convs[:-1]:
+                    xs = conv_bn(conv, bn, xs)
+                xs = conv_bn(*convs[-1], xs, residuals=identity)
+                del identity
+            for f, x in zip(feats, xs):
+                f[stride] = x
+        return [{s: f[s] for s in (32, 16, 8, 4, 2, 1) if s in f} for f in feats]
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,0 +1,57 @@
+"""Inference kernels of the fast path: BatchNorm folded into the preceding convolution, and a
+convolution with its ReLU (and residual add) fused into one oneDNN primitive on CPU.
+
+Both compute the same function as ``relu(bn(conv(x)) [+ residual])`` with different rounding
+(the parity tests bound the difference). They are for inference only: gradients never flow through
+the fused op (it is used only when autograd is off) and folding reads BatchNorm's running
+statistics, i.e. eval-mode BatchNorm.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``(C_out, C_in/groups, k, k)`` and bias ``(C_out,)`` of the convolution equal to
+    ``bn(conv(x))`` with ``bn`` in eval mode. Computed from the current parameters on every call
+    (one multiply over the weight), so it never goes stale when the weights change."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return weight, bias
+
+
+def _onednn_fusable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether oneDNN's fused convolution (``torch.ops.mkldnn._convolution_pointwise``, the op
+    TorchInductor lowers conv+activation to on CPU) can run this convolution."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled() and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
+                relu: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(conv2d(x, weight, bias) + residual)`` with the stride/padding/dilation/groups of ``conv``.
+
+    ``x`` (B, C_in, H, W), ``residual`` (B, C_out, H', W') or None; ``relu=False`` skips the ReLU.
+    Runs in the autocast dtype when autocast is on (weights cast per call), else in ``x.dtype``.
+    On CPU without autograd it is one oneDNN primitive (ReLU and residual add applied while the
+    output is still in cache); elsewhere it is ``F.conv2d`` followed by in-place ``add_``/``relu_``.
+    """
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    x, weight = x.to(dtype), weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    if _onednn_fusable(x, conv):
+        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual.to(dtype), weight, bias, *args, "add", None, "relu" if relu else None, [], "")
+    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if residual is not None:
+        y.add_(residual.to(y.dtype))
+    return torch.relu_(y) if relu else y

@@ -1,0 +1,108 @@
+"""The fast path's inference kernels (dkm/models/fused.py) and the fused encoder against the modules
+they replace."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18, resnet50
+
+from dkm.models.encoder import Encoder
+from dkm.models.fused import conv2d_relu, fold_batchnorm
+
+
+def _randomize_batchnorm(module: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+            m.weight.data.copy_(1 + 0.1 * torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=g))
+
+
+@pytest.mark.parametrize("groups,bias", [(1, True), (1, False), (8, True)])
+def test_folded_convolution_equals_conv_then_eval_batchnorm(groups, bias):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1, groups=groups, bias=bias)
+    bn = nn.BatchNorm2d(16)
+    _randomize_batchnorm(bn)
+    bn.eval()
+    x = torch.randn(2, 8, 9, 11)
+    with torch.no_grad():
+        want = bn(conv(x))
+        weight, b = fold_batchnorm(conv, bn)
+        got = F.conv2d(x, weight, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["onednn", "reference"])
+@pytest.mark.parametrize("residual,relu", [(False, True), (False, False), (True, True)])
+def test_conv2d_relu_equals_conv_add_relu(grad, residual, relu):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    x = torch.randn(1, 16, 20, 24).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(1, 32, 10, 12).contiguous(memory_format=torch.channels_last) if residual else None
+    with torch.set_grad_enabled(grad):
+        want = conv(x) + (res if residual else 0)
+        want = want.relu() if relu else want
+        got = conv2d_relu(x, conv.weight, conv.bias, conv, relu=relu, residual=res)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.shape == (1, 32, 10, 12)
+
+
+def test_conv2d_relu_follows_autocast():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+    x = torch.randn(1, 8, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = conv2d_relu(x, conv.weight, conv.bias, conv)
+    assert got.dtype == torch.bfloat16
+    with torch.no_grad():
+        want = conv(x).relu()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("make", [resnet18, resnet50], ids=["resnet18", "resnet50"])
+def test_fused_encoder_equals_module_forward(make):
+    torch.manual_seed(0)
+    enc = Encoder(make())
+    _randomize_batchnorm(enc)
+    enc.eval()
+    images = [torch.randn(1, 3, 64, 96).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    with torch.inference_mode():
+        fused = enc.forward_fused(images)
+        for x, pyr in zip(images, fused):
+            want = enc(x)
+            assert pyr.keys() == want.keys()
+            for s in want:  # same function, different rounding (activations grow to ~1e2 at stride 32)
+                assert pyr[s].shape == want[s].shape
+                assert (pyr[s] - want[s]).norm() <= 1e-5 * want[s].norm(), s
+        upto8 = enc.forward_fused(images[:1], max_stride=8)[0]
+    assert sorted(upto8) == [1, 2, 4, 8]
+
+
+def test_fused_encoder_in_train_mode_is_the_module_forward():
+    enc = Encoder(resnet18()).train()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    (pyr,) = enc.forward_fused([x])
+    pyr[32].sum().backward()  # autograd works: the module path, with batch statistics
+    assert x.grad is not None and enc.backbone.bn1.running_mean.abs().sum() > 0
+
+
+def test_fast_encoder_keeps_channels_last_for_image_views():
+    """A (1, 3, H, W) view of an HWC image (what PIL inputs become) has batch stride 3; .contiguous()
+    keeps it, and PyTorch's layout heuristics then fall back to NCHW for every activation (measured:
+    grid_sample 4x and max-pooling 7x slower). The fast encoder must hand channels-last features on."""
+    from dkm.models.matcher import RegressionMatcher
+
+    matcher = SimpleNamespace(encoder=Encoder(resnet18()).eval())
+    image = torch.rand(64, 96, 3).permute(2, 0, 1)[None]  # HWC memory, as from a PIL image
+    assert image.stride(0) == 3
+    with torch.inference_mode():
+        (pyr,) = RegressionMatcher._encode_fast(matcher, image)
+    for s in (2, 4, 8, 16, 32):
+        assert pyr[s].is_contiguous(memory_format=torch.channels_last), s
