@@ -20,12 +20,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)
 
 
-def _cat_channels_last(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(parts, dim=1)`` written straight into a channels-last tensor (one pass over the
-    data instead of a concatenation followed by a layout copy)."""
+def _cat_channels_last(parts: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.cat(parts, dim=1).to(dtype)`` written straight into a channels-last tensor (one pass
+    over the data instead of a concatenation, a layout copy and a cast)."""
     b, _, h, w = parts[0].shape
-    out = torch.empty((b, sum(p.shape[1] for p in parts), h, w), dtype=parts[0].dtype, device=parts[0].device,
-                      memory_format=torch.channels_last)
+    out = torch.empty((b, sum(p.shape[1] for p in parts), h, w), dtype=dtype or parts[0].dtype,
+                      device=parts[0].device, memory_format=torch.channels_last)
     c = 0
     for p in parts:
         out[:, c:c + p.shape[1]] = p
@@ -181,7 +181,8 @@ class ConvRefiner(nn.Module):
         reference the caller keeps), with eval-mode BatchNorm folded into the depthwise conv and the
         ReLU fused into it (:mod:`.fused`; a few kB of weights folded per call, so it always
         reflects the current parameters)."""
-        d = _cat_channels_last(parts)
+        device = parts[0].device.type
+        d = _cat_channels_last(parts, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
         parts.clear()
         for conv, bn, _, pointwise in (self.block1, *self.hidden_blocks):
             d = conv2d_relu(d, *fold_batchnorm(conv, bn), conv)

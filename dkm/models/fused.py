@@ -14,11 +14,15 @@ from torch import nn
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight ``(C_out, C_in/groups, k, k)`` and bias ``(C_out,)`` of the convolution equal to
+    """Weight ``(C_out, C_in/groups, k, k)`` (channels-last strides) and bias ``(C_out,)`` of the convolution equal to
     ``bn(conv(x))`` with ``bn`` in eval mode. Computed from the current parameters on every call
     (one multiply over the weight), so it never goes stale when the weights change."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    if torch.is_grad_enabled() and (scale.requires_grad or conv.weight.requires_grad):
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    else:  # written channels-last, the layout oneDNN wants for channels-last inputs (no copy per call)
+        weight = torch.mul(conv.weight, scale.reshape(-1, 1, 1, 1),
+                           out=torch.empty_like(conv.weight, memory_format=torch.channels_last))
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
         bias = bias + conv.bias * scale
