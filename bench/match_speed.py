@@ -25,6 +25,10 @@ page-faults them back in on every match (the "faults/match" column). ``--malloc 
 every variant with MALLOC_MMAP_THRESHOLD_=32 MiB and MALLOC_TRIM_THRESHOLD_=2 GiB (the settings
 ``dkm.utils.device.keep_freed_memory()`` applies and ``evaluate.py`` uses by default; similar in
 effect to jemalloc/tcmalloc via LD_PRELOAD, PyTorch's usual CPU advice), which removes those faults.
+Peak memory depends on the allocator too: glibc keeps a varying amount of freed memory (tens to a few
+hundred MiB, from run to run). ``--malloc live`` (MALLOC_MMAP_THRESHOLD_ = MALLOC_TRIM_THRESHOLD_ =
+1 MiB) returns every freed block of 1 MiB or more at once, so its peak column is the memory actually
+live at the worst moment (its times include many more page faults).
 """
 from __future__ import annotations
 
@@ -46,6 +50,10 @@ log = logging.getLogger("match_speed")
 
 #: environment of the workers for --malloc no-trim (glibc: freed memory stays with the process)
 NO_TRIM_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str((1 << 31) - 1)}  # = keep_freed_memory()
+#: environment of the workers for --malloc live (glibc: every block of 1 MiB or more is its own mapping,
+#: returned on free, so the peak resident set is the live tensors plus code, without allocator slack)
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}
+MALLOC_ENV = {"default": {}, "no-trim": NO_TRIM_ENV, "live": LIVE_ENV}
 
 VARIANTS = {
     # name: (fast, cycle, reduced precision)
@@ -159,7 +167,7 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
     from dkm.utils.synthetic_weights import synthetic_state_dict
 
     variants = [v for v in args.variants if not (is_v3 and v.endswith("_cc"))]
-    env = os.environ | (NO_TRIM_ENV if args.malloc == "no-trim" else {})
+    env = os.environ | MALLOC_ENV[args.malloc]
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "synthetic.pth"
@@ -231,8 +239,9 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1])
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="default: all, without the reduced-precision ones where that precision is emulated")
-    p.add_argument("--malloc", choices=["default", "no-trim"], default="default",
-                   help="no-trim: glibc keeps freed memory (no page faults per match; see above)")
+    p.add_argument("--malloc", choices=list(MALLOC_ENV), default="default",
+                   help="no-trim: glibc keeps freed memory (no page faults per match); live: glibc returns "
+                        "every freed block of 1 MiB or more at once (peak = live memory; see above)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
