@@ -126,7 +126,7 @@ class ConvRefiner(nn.Module):
             raise ValueError("local_corr_radius needs displacement_emb_dim (the DKMv3 refiner layout)")
         self.local_corr_radius = local_corr_radius or None
         #: window offsets per grid_sample call of the fast path's local correlation (bounds its memory;
-        #: None = as many as fit in 2**25 sampled elements)
+        #: None = as many as fit in 7 * 2**20 sampled elements, see chunk_for_budget)
         self.corr_chunk = corr_chunk
 
     @staticmethod
