@@ -106,3 +106,20 @@ def test_fast_encoder_keeps_channels_last_for_image_views():
         (pyr,) = RegressionMatcher._encode_fast(matcher, image)
     for s in (2, 4, 8, 16, 32):
         assert pyr[s].is_contiguous(memory_format=torch.channels_last), s
+
+
+def test_conv2d_relu_falls_back_when_the_fused_op_fails(monkeypatch):
+    """The oneDNN op is private: where a torch build rejects a case, the reference path answers."""
+    import dkm.models.fused as fused
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(fused, "_onednn_fusable", lambda x, conv: True)
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", broken, raising=False)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="fused convolution unavailable"):
+        got = conv2d_relu(x, conv.weight, conv.bias, conv)
+    with torch.no_grad():
+        torch.testing.assert_close(got, conv(x).relu())

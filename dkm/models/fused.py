@@ -8,6 +8,8 @@ statistics, i.e. eval-mode BatchNorm.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,10 +53,15 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     bias = bias.to(dtype) if bias is not None else None
     if _onednn_fusable(x, conv):
         args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual.to(dtype), weight, bias, *args, "add", None, "relu" if relu else None, [], "")
+        try:
+            if residual is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none",
+                                                               [], "")
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual.to(dtype), weight, bias, *args, "add", None, "relu" if relu else None, [], "")
+        except RuntimeError as e:  # a private op: a torch build may lack a kernel for this case
+            warnings.warn(f"oneDNN fused convolution unavailable for input {tuple(x.shape)} {x.dtype} ({e}); "
+                          "using F.conv2d", RuntimeWarning, stacklevel=2)
     y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if residual is not None:
         y.add_(residual.to(y.dtype))
