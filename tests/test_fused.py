@@ -123,3 +123,27 @@ def test_conv2d_relu_falls_back_when_the_fused_op_fails(monkeypatch):
         got = conv2d_relu(x, conv.weight, conv.bias, conv)
     with torch.no_grad():
         torch.testing.assert_close(got, conv(x).relu())
+
+
+@pytest.mark.parametrize("h", [23, 24, 9])
+@pytest.mark.parametrize("bands", [2, 3, 5])
+def test_refiner_in_row_bands_equals_one_piece(h, bands):
+    """Large refiner activations are processed in row bands with the neighbours' border rows; the
+    result must be that of the whole image (zero padding only at the image border)."""
+    from dkm.models.decoder import ConvRefiner
+
+    torch.manual_seed(0)
+    refiner = ConvRefiner(8, 16, hidden_blocks=3)
+    _randomize_batchnorm(refiner)
+    refiner.eval()
+    x, y = torch.randn(1, 4, h, 11), torch.randn(1, 4, h, 11)
+    flow = torch.rand(1, 2, h, 11) * 2 - 1
+    with torch.inference_mode():
+        whole = refiner(x, y, flow, fast=True)
+        nbytes = 16 * h * 11 * 4
+        refiner.band_bytes = -(-nbytes // bands)  # -> `bands` bands (fewer where a band would be shorter than 2 rows)
+        banded = refiner(x, y, flow, fast=True)
+        reference = refiner(x, y, flow, fast=False)
+    for a, b, r in zip(banded, whole, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)

@@ -33,6 +33,38 @@ def _cat_channels_last(parts: list[torch.Tensor], dtype: torch.dtype | None = No
     return out
 
 
+def _with_halo(band: torch.Tensor, above: torch.Tensor | None, below: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """``band`` (B, C, r, W) with ``rows`` rows of its neighbours ``above``/``below`` (B, C, rows, W)
+    around it, zeros where there is no neighbour (the image border): (B, C, r + 2 rows, W), channels-last."""
+    b, c, r, w = band.shape
+    out = torch.empty((b, c, r + 2 * rows, w), dtype=band.dtype, device=band.device, memory_format=torch.channels_last)
+    out[:, :, rows:rows + r] = band
+    for sl, rows_in in ((slice(0, rows), above), (slice(rows + r, None), below)):
+        if rows_in is None:
+            out[:, :, sl].zero_()
+        else:
+            out[:, :, sl] = rows_in
+    return out
+
+
+def _conv_banded(bands: list, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d):
+    """Yields ``conv2d_relu`` of the row bands of one image, band by band, as the convolution of their
+    concatenation would give them: each band gets the bordering rows of its neighbours (zeros at the
+    image border) instead of the convolution's own row padding. Empties ``bands`` as it goes."""
+    if len(bands) == 1:
+        yield conv2d_relu(bands.pop(), weight, bias, conv)
+        return
+    rows, cols = conv.padding
+    above = None
+    for i in range(len(bands)):
+        band, bands[i] = bands[i], None
+        below = bands[i + 1][:, :, :rows] if i + 1 < len(bands) else None
+        x = _with_halo(band, above, below, rows)
+        above = band[:, :, -rows:]
+        del band
+        yield conv2d_relu(x, weight, bias, conv, padding=(0, cols))
+
+
 class RRB(nn.Module):
     """Residual refinement block: ``relu(conv1(x) + conv3(relu(bn(conv2(conv1(x))))))``."""
 
@@ -128,6 +160,8 @@ class ConvRefiner(nn.Module):
         #: window offsets per grid_sample call of the fast path's local correlation (bounds its memory;
         #: None = as many as fit in 7 * 2**20 sampled elements, see chunk_for_budget)
         self.corr_chunk = corr_chunk
+        #: fast path: activations above this many bytes are refined in row bands (see _refine_folded)
+        self.band_bytes = 28 << 20
 
     @staticmethod
     def _block(in_dim, out_dim, kernel_size, dw):
@@ -153,10 +187,10 @@ class ConvRefiner(nn.Module):
         if self.disp_emb is not None:  # DKMv3: [x, warped y, displacement embedding, local correlation]
             parts += self._v3_inputs(x, y, flow, fast)
         if fast and not self.training:
-            d = self._blocks_folded(parts)  # takes ownership: each activation is freed once consumed
+            d = self._refine_folded(parts)  # takes ownership: each activation is freed once consumed
         else:
-            d = self.hidden_blocks(self.block1(torch.cat(parts, dim=1)))
-        d = self.out_conv(d).to(flow.dtype)
+            d = self.out_conv(self.hidden_blocks(self.block1(torch.cat(parts, dim=1))))
+        d = d.to(flow.dtype)
         return d[:, :-2], d[:, -2:]
 
     def _v3_inputs(self, x: torch.Tensor, y: torch.Tensor, flow: torch.Tensor, fast: bool) -> list:
@@ -176,18 +210,35 @@ class ConvRefiner(nn.Module):
                                                flow=flow, chunk=chunk))
         return parts
 
-    def _blocks_folded(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """The blocks on the channels-last concatenation of ``parts`` (emptied: the list is the only
-        reference the caller keeps), with eval-mode BatchNorm folded into the depthwise conv and the
-        ReLU fused into it (:mod:`.fused`; a few kB of weights folded per call, so it always
-        reflects the current parameters)."""
+    def _refine_folded(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The blocks and ``out_conv`` on the channels-last concatenation of ``parts`` (emptied: the
+        list is the only reference the caller keeps): (B, out_dim, h, w). Eval-mode BatchNorm is
+        folded into the depthwise convolutions and the ReLU fused into them (:mod:`.fused`; a few kB
+        of weights folded per call, so it always reflects the current parameters).
+
+        Activations larger than ``band_bytes`` are processed in row bands, block by block, each
+        band with the two bordering rows of its neighbours (same result). glibc serves every block
+        above 32 MiB with a fresh mapping, page-faulted in and unmapped on each use; bands stay
+        below that and are recycled by the heap (DKMv3's stride-1/2/4 refiners, large images)."""
         device = parts[0].device.type
-        d = _cat_channels_last(parts, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else parts[0].dtype
+        b, _, h, w = parts[0].shape
+        blocks = (self.block1, *self.hidden_blocks)
+        channels = max(max(blk[0].in_channels, blk[0].out_channels) for blk in blocks)
+        nbytes = b * channels * h * w * torch.finfo(dtype).bits // 8
+        halo = max(blk[0].padding[0] for blk in blocks)
+        n = max(1, min(-(-nbytes // self.band_bytes), h // max(halo, 1)))
+        starts = list(range(0, h, -(-h // n)))
+        if len(starts) > 1 and h - starts[-1] < halo:  # every band at least as tall as the halo
+            starts.pop()
+        bands = [_cat_channels_last([p[:, :, a:e] for p in parts], dtype) for a, e in zip(starts, starts[1:] + [h])]
         parts.clear()
-        for conv, bn, _, pointwise in (self.block1, *self.hidden_blocks):
-            d = conv2d_relu(d, *fold_batchnorm(conv, bn), conv)
-            d = conv2d_relu(d, pointwise.weight, pointwise.bias, pointwise, relu=False)
-        return d
+        for conv, bn, _, pointwise in blocks:
+            weight, bias = fold_batchnorm(conv, bn)
+            bands = [conv2d_relu(d, pointwise.weight, pointwise.bias, pointwise, relu=False)
+                     for d in _conv_banded(bands, weight, bias, conv)]
+        out = [conv2d_relu(d, self.out_conv.weight, self.out_conv.bias, self.out_conv, relu=False) for d in bands]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 class Decoder(nn.Module):

@@ -40,10 +40,12 @@ def _onednn_fusable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
 
 
 def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv: nn.Conv2d,
-                relu: bool = True, residual: torch.Tensor | None = None) -> torch.Tensor:
+                relu: bool = True, residual: torch.Tensor | None = None,
+                padding: tuple[int, int] | None = None) -> torch.Tensor:
     """``relu(conv2d(x, weight, bias) + residual)`` with the stride/padding/dilation/groups of ``conv``.
 
-    ``x`` (B, C_in, H, W), ``residual`` (B, C_out, H', W') or None; ``relu=False`` skips the ReLU.
+    ``x`` (B, C_in, H, W), ``residual`` (B, C_out, H', W') or None; ``relu=False`` skips the ReLU;
+    ``padding`` (rows, columns) replaces the padding of ``conv``.
     Runs in the autocast dtype when autocast is on (weights cast per call), else in ``x.dtype``.
     On CPU without autograd it is one oneDNN primitive (ReLU and residual add applied while the
     output is still in cache); elsewhere it is ``F.conv2d`` followed by in-place ``add_``/``relu_``.
@@ -51,8 +53,9 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     x, weight = x.to(dtype), weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
+    padding = tuple(conv.padding) if padding is None else tuple(padding)
     if _onednn_fusable(x, conv):
-        args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+        args = (list(padding), list(conv.stride), list(conv.dilation), conv.groups)
         try:
             if residual is None:
                 return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if relu else "none",
@@ -62,7 +65,7 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         except RuntimeError as e:  # a private op: a torch build may lack a kernel for this case
             warnings.warn(f"oneDNN fused convolution unavailable for input {tuple(x.shape)} {x.dtype} ({e}); "
                           "using F.conv2d", RuntimeWarning, stacklevel=2)
-    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
     if residual is not None:
         y.add_(residual.to(y.dtype))
     return torch.relu_(y) if relu else y
