@@ -125,15 +125,16 @@ def test_conv2d_relu_falls_back_when_the_fused_op_fails(monkeypatch):
         torch.testing.assert_close(got, conv(x).relu())
 
 
+@pytest.mark.parametrize("kernel_size", [5, 3, 1])
 @pytest.mark.parametrize("h", [23, 24, 9])
 @pytest.mark.parametrize("bands", [2, 3, 5])
-def test_refiner_in_row_bands_equals_one_piece(h, bands):
+def test_refiner_in_row_bands_equals_one_piece(h, bands, kernel_size):
     """Large refiner activations are processed in row bands with the neighbours' border rows; the
     result must be that of the whole image (zero padding only at the image border)."""
     from dkm.models.decoder import ConvRefiner
 
     torch.manual_seed(0)
-    refiner = ConvRefiner(8, 16, hidden_blocks=3)
+    refiner = ConvRefiner(8, 16, hidden_blocks=3, kernel_size=kernel_size)
     _randomize_batchnorm(refiner)
     refiner.eval()
     x, y = torch.randn(1, 4, h, 11), torch.randn(1, 4, h, 11)

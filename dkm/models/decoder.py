@@ -51,10 +51,12 @@ def _conv_banded(bands: list, weight: torch.Tensor, bias: torch.Tensor, conv: nn
     """Yields ``conv2d_relu`` of the row bands of one image, band by band, as the convolution of their
     concatenation would give them: each band gets the bordering rows of its neighbours (zeros at the
     image border) instead of the convolution's own row padding. Empties ``bands`` as it goes."""
-    if len(bands) == 1:
-        yield conv2d_relu(bands.pop(), weight, bias, conv)
-        return
     rows, cols = conv.padding
+    if len(bands) == 1 or rows == 0:  # nothing crosses a band border
+        for i in range(len(bands)):
+            band, bands[i] = bands[i], None
+            yield conv2d_relu(band, weight, bias, conv)
+        return
     above = None
     for i in range(len(bands)):
         band, bands[i] = bands[i], None

@@ -16,9 +16,10 @@ from torch import nn
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight ``(C_out, C_in/groups, k, k)`` (channels-last strides) and bias ``(C_out,)`` of the convolution equal to
-    ``bn(conv(x))`` with ``bn`` in eval mode. Computed from the current parameters on every call
-    (one multiply over the weight), so it never goes stale when the weights change."""
+    """Weight ``(C_out, C_in/groups, k, k)`` (channels-last strides) and bias ``(C_out,)`` of the
+    convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode. Computed from the current
+    parameters on every call (one multiply over the weight), so it never goes stale when the
+    weights change."""
     scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     if torch.is_grad_enabled() and (scale.requires_grad or conv.weight.requires_grad):
         weight = conv.weight * scale.reshape(-1, 1, 1, 1)
