@@ -101,11 +101,13 @@ def test_fast_path_flows_match_release(model, ref):
     np.testing.assert_allclose(cert.numpy(), ref["sym_cert_s1"][:1], rtol=0, atol=LOGIT_TOL)
 
 
-def test_fast_path_is_at_least_as_close_to_float64_as_the_faithful_path(model, ref):
+def test_fast_path_is_as_close_to_float64_as_the_faithful_path(model, ref):
     """Against the float64 recomputation of the release's forward(), at every scale, the fast path
-    (its own encoder with folded BatchNorm, Cholesky GP solve, folded refiners) must be no further
-    than the faithful path is on this machine (the faithful path's float32 error itself depends on
-    the CPU: oneDNN chooses kernels per instruction set)."""
+    (its own encoder with folded BatchNorm, Cholesky GP solve, folded refiners) must not be
+    meaningfully further than the faithful path on the same machine (the faithful path's float32
+    error itself depends on the CPU: oneDNN chooses kernels per instruction set). Measured on an
+    AVX-512 Xeon: 0.8-0.9x the faithful path's error at every scale; 1.25x leaves room for other
+    CPUs' rounding, far below the 2e-4 flow tolerance (errors are ~5e-5)."""
     q, s = torch.from_numpy(ref["query"]), torch.from_numpy(ref["support"])
     model.eval()
     with torch.inference_mode():
@@ -116,7 +118,7 @@ def test_fast_path_is_at_least_as_close_to_float64_as_the_faithful_path(model, r
         f64 = ref[f"f64ref_flow_s{k}"]
         fast_err = np.abs(fast[k]["dense_flow"].numpy() - f64).max()
         faithful_err = np.abs(faithful[k]["dense_flow"].numpy() - f64).max()
-        assert fast_err <= faithful_err * 1.05 + 1e-6, (k, fast_err, faithful_err)
+        assert fast_err <= faithful_err * 1.25 + 1e-6, (k, fast_err, faithful_err)
         np.testing.assert_allclose(fast[k]["dense_certainty"].numpy(), ref[f"cert_s{k}"], rtol=0, atol=LOGIT_TOL)
 
 
