@@ -235,11 +235,13 @@ class ConvRefiner(nn.Module):
             starts.pop()
         bands = [_cat_channels_last([p[:, :, a:e] for p in parts], dtype) for a, e in zip(starts, starts[1:] + [h])]
         parts.clear()
-        for conv, bn, _, pointwise in blocks:
-            weight, bias = fold_batchnorm(conv, bn)
-            bands = [conv2d_relu(d, pointwise.weight, pointwise.bias, pointwise, relu=False)
+        for conv, bn, _, pointwise in blocks:  # weights cast to the compute dtype once, not per band
+            weight, bias = (t.to(dtype) for t in fold_batchnorm(conv, bn))
+            pw_weight, pw_bias = pointwise.weight.to(dtype), pointwise.bias.to(dtype)
+            bands = [conv2d_relu(d, pw_weight, pw_bias, pointwise, relu=False)
                      for d in _conv_banded(bands, weight, bias, conv)]
-        out = [conv2d_relu(d, self.out_conv.weight, self.out_conv.bias, self.out_conv, relu=False) for d in bands]
+        out_weight, out_bias = self.out_conv.weight.to(dtype), self.out_conv.bias.to(dtype)
+        out = [conv2d_relu(d, out_weight, out_bias, self.out_conv, relu=False) for d in bands]
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
