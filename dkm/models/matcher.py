@@ -177,10 +177,11 @@ class RegressionMatcher(nn.Module):
     def _dense_fast(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None):
         """Fast path of the finest-scale prediction: ``(q2s (B, 2, h, w), certainty logits
         (B, 1, h, w), s2q (B, 2, h, w) or None)``. Pairs go through in micro-batches: per micro-batch
-        one encoder pass for the queries and one for the supports, one decoder pass per direction (a
-        batch-2 symmetric pass is several times slower on CPU), each pyramid level freed as soon as
-        the last decoder pass is done with it. The encoder stays in float32 even when ``dtype`` is reduced: its
-        stride-16/32 features feed the GP, whose exponential kernel amplifies rounding errors."""
+        queries and supports through the encoder side by side (:meth:`_encode_fast`), one decoder
+        pass per direction (a batch-2 symmetric pass is several times slower on CPU), each pyramid
+        level freed as soon as the last decoder pass is done with it. The encoder stays in float32
+        even when ``dtype`` is reduced: its stride-16/32 features feed the GP, whose exponential
+        kernel amplifies rounding errors."""
         b = query.shape[0]
         step = self.inference_batch_size or (1 if query.device.type == "cpu" else b)
         outs = []

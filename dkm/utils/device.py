@@ -54,7 +54,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = (1 <
     """Ask glibc to keep freed memory in the process (``mallopt``): blocks up to ``mmap_threshold``
     bytes come from the heap, and the heap is only returned to the kernel beyond ``trim_threshold``
     bytes of free space. Repeated inference then stops page-faulting its activations back in on every
-    call (on a 2-core CPU: 74k faults and about 0.3-0.9 s per DKM match). Affects the whole process
+    call (measured on 2-core VMs: 34-74k faults per fast dkm_base match, about 0.4M and 0.4 s per
+    faithful one, millions per DKMv3 match). Affects the whole process
     (its resident set stays at its peak): call it from a program's entry point, not from library code.
 
     ``mallopt`` takes C ``int`` values: both thresholds must be below 2 GiB.
