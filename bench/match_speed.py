@@ -11,6 +11,7 @@ faithful output.
     python bench/match_speed.py --repeats 3 --rounds 3   # 3 interleaved processes per variant (noisy machines)
     python bench/match_speed.py --device cuda      # float16 instead of bfloat16 for the reduced variant
     python bench/match_speed.py --arch dkm_base dkmv3_indoor   # v11 at 384x512 next to DKMv3 indoor at 480x640
+    python bench/match_speed.py --release-code ~/src/DKM    # also the v11 release's own code (a checkout of 988ccbc)
 
 Each architecture runs at its own default resolution unless --h/--w are given. DKMv3 matches both
 directions in one match() (symmetric), so its cycle-consistency variants (a v11 option) are skipped;
@@ -64,6 +65,8 @@ VARIANTS = {
     "fast_lowp": (True, False, True),
     "fast_lowp_cc": (True, True, True),
 }
+#: variants running the DKM v11 release's own code (``--release-code``; dkm_base only): name -> cycle consistency
+RELEASE_VARIANTS = {"release": False, "release_cc": True}
 
 
 def make_pair(h: int = 512, w: int = 512):
@@ -89,8 +92,8 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # macOS: bytes, Linux: KiB
 
 
-def worker(args) -> None:
-    import_rss_before = rss_mib()
+def dkm_runner(args):
+    """``run(batch) -> (warp, certainty)`` of a variant of this package, and the RSS after importing it."""
     import torch
     from PIL import Image
 
@@ -108,27 +111,83 @@ def worker(args) -> None:
 
     def run(batch: int):
         if batch == 1:
-            out = model.match(im1, im2, check_cycle_consistency=cycle, dtype=dtype)
-        else:
-            t1 = torch.from_numpy(np.asarray(im1).copy()).permute(2, 0, 1).float().div(255)
-            t2 = torch.from_numpy(np.asarray(im2).copy()).permute(2, 0, 1).float().div(255)
-            out = model.match(t1.expand(batch, -1, -1, -1), t2.expand(batch, -1, -1, -1),
-                              check_cycle_consistency=cycle, dtype=dtype)
+            return model.match(im1, im2, check_cycle_consistency=cycle, dtype=dtype)
+        t1 = torch.from_numpy(np.asarray(im1).copy()).permute(2, 0, 1).float().div(255)
+        t2 = torch.from_numpy(np.asarray(im2).copy()).permute(2, 0, 1).float().div(255)
+        return model.match(t1.expand(batch, -1, -1, -1), t2.expand(batch, -1, -1, -1),
+                           check_cycle_consistency=cycle, dtype=dtype)
+
+    return run, import_rss
+
+
+def release_runner(args):
+    """``run(1) -> (warp, certainty)`` of the DKM v11 release's own code, from the checkout given by
+    ``--release-code`` (nothing of it is copied here). The release hard-codes CUDA (``.cuda()``,
+    ``device="cuda:0"``) and downloads its weights; both are redirected, in this worker process only,
+    to ``--device`` and to the synthetic weights file. Batches of more than one pair are not timed
+    (the release's batched mode expects already resized and normalized tensors)."""
+    root = Path(args.release_code).resolve()
+    sys.path.insert(0, str(root))
+    import torch
+    from PIL import Image
+
+    device = torch.device(args.device)
+    torch.Tensor.cuda = lambda self, *a, **k: self.to(device)
+    torch.nn.Module.cuda = lambda self, *a, **k: self.to(device)
+    linspace = torch.linspace
+
+    def linspace_on_device(*a, **k):
+        if k.get("device") is not None and torch.device(k["device"]).type == "cuda":
+            k["device"] = device
+        return linspace(*a, **k)
+
+    torch.linspace = linspace_on_device
+    torch.hub.load_state_dict_from_url = lambda url, *a, **k: torch.load(args.weights, map_location="cpu",
+                                                                         weights_only=True)
+    import dkm as release
+
+    if not Path(release.__file__).resolve().is_relative_to(root):
+        raise SystemExit(f"--release-code {root}: imported dkm from {release.__file__}, not from the checkout")
+    from dkm.models.build_model import dkm_base
+
+    torch.set_num_threads(args.threads)
+    import_rss = rss_mib()
+    model = dkm_base(pretrained=True)  # builds its ResNet without ImageNet weights, then loads args.weights
+    model.h_resized, model.w_resized = args.h, args.w
+    im1, im2 = (Image.fromarray(a) for a in make_pair())
+    cycle = args.variant == "release_cc"
+
+    def run(batch: int):
+        if batch != 1:
+            raise ValueError("the release variants time single pairs only")
+        return model.match(im1, im2, check_cycle_consistency=cycle)
+
+    return run, import_rss
+
+
+def worker(args) -> None:
+    import_rss_before = rss_mib()
+    run, import_rss = (release_runner if args.variant in RELEASE_VARIANTS else dkm_runner)(args)
+
+    def timed_run(batch: int):
+        out = run(batch)
         if args.device.startswith("cuda"):
+            import torch
+
             torch.cuda.synchronize()
         return out
 
     t0 = time.perf_counter()
-    warp, cert = run(1)
+    warp, cert = timed_run(1)
     first = time.perf_counter() - t0
     peak_one_match = rss_mib()
     times, faults = {}, {}
-    for b in args.batches:
+    for b in args.batches if args.variant not in RELEASE_VARIANTS else [1]:
         ts, fs = [], []
         for _ in range(args.repeats):
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
-            run(b)
+            timed_run(b)
             ts.append(time.perf_counter() - t0)
             fs.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         times[b], faults[b] = statistics.median(ts), statistics.median(fs)
@@ -167,6 +226,11 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
     from dkm.utils.synthetic_weights import synthetic_state_dict
 
     variants = [v for v in args.variants if not (is_v3 and v.endswith("_cc"))]
+    if args.release_code:
+        if arch == "dkm_base":
+            variants += [r for r, cycle in RELEASE_VARIANTS.items() if any(v.endswith("_cc") == cycle for v in variants)]
+        else:
+            log.info("--release-code: the release code builds dkm_base only; no release variants for %s", arch)
     env = os.environ | MALLOC_ENV[args.malloc]
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,6 +238,7 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
         shapes = dkm.build_model({"arch": arch, "h": h, "w": w}).state_dict()
         torch.save(synthetic_state_dict(shapes, seed=0), weights)
         rounds = {v: [] for v in variants}
+        failed = {}  # variant -> why it has no result (a timeout; for the release's code also an error)
         for r in range(args.rounds):  # variants interleaved, so that a drifting machine load hits all alike
             for v in variants:
                 out = Path(tmp) / f"{v}.npz"
@@ -181,13 +246,26 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
                        "--arch", arch, "--h", str(h), "--w", str(w), "--device", args.device,
                        "--threads", str(args.threads), "--repeats", str(args.repeats),
                        "--batches", *map(str, args.batches)]
+                if v in RELEASE_VARIANTS:
+                    cmd += ["--release-code", args.release_code]
+                if v in failed:
+                    continue
                 log.info("running %s %s (round %d of %d) ...", arch, v, r + 1, args.rounds)
-                res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                try:
+                    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    failed[v] = f"no result within --timeout {args.timeout:.0f} s"
+                    log.warning("%s %s: %s", arch, v, failed[v])
+                    continue
                 if res.returncode != 0:
-                    raise SystemExit(f"variant {v} of {arch} failed:\n{res.stderr}")
+                    if v not in RELEASE_VARIANTS:
+                        raise SystemExit(f"variant {v} of {arch} failed:\n{res.stderr}")
+                    failed[v] = f"failed: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}"
+                    log.warning("%s %s %s", arch, v, failed[v])
+                    continue
                 rounds[v].append(json.loads(res.stdout.strip().splitlines()[-1]))
                 outputs[v] = dict(np.load(out))
-        results = {v: combine_rounds(rs) for v, rs in rounds.items()}
+        results = {v: combine_rounds(rs) for v, rs in rounds.items() if v not in failed}
 
     from dkm.utils.device import cpu_description
 
@@ -215,11 +293,20 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
         else:
             line += f" {'':>11} {r['peak_rss_mib']:9.0f}"
         print(line)
+    for v, why in failed.items():
+        print(f"{v:<14} {why}")
     if len(args.batches) > 1:
         print("\nseconds per pair by batch size B (match() on a batch of B pairs, divided by B):")
         print(f"{'variant':<14} " + " ".join(f"{'B=' + str(b):>8}" for b in args.batches))
         for v, r in results.items():
-            print(f"{v:<14} " + " ".join(f"{r['median'][str(b)] / b:8.3f}" for b in args.batches))
+            print(f"{v:<14} " + " ".join(f"{r['median'][str(b)] / b:8.3f}" if str(b) in r["median"] else f"{'-':>8}"
+                                          for b in args.batches))
+    for rel in (r for r in RELEASE_VARIANTS if r in results):
+        tr, mr = results[rel]["median"]["1"], results[rel]["peak_rss_mib"]
+        others = [v for v in results if v not in RELEASE_VARIANTS and v.endswith("_cc") == RELEASE_VARIANTS[rel]]
+        print(f"\nagainst the release's own code ({rel}: {tr:.3f} s/match, peak {mr:.0f} MiB): "
+              + ", ".join(f"{v} {tr / results[v]['median']['1']:.2f}x faster, {results[v]['peak_rss_mib'] / mr:.2f}x memory"
+                          for v in others))
     imp = next(iter(results.values()))["rss_after_import_mib"]
     print(f"\n(peak MiB: max resident set of a process that imports dkm, loads the weights and runs one "
           f"match; importing torch+dkm alone: {imp:.0f} MiB)")
@@ -242,6 +329,11 @@ def main() -> None:
     p.add_argument("--malloc", choices=list(MALLOC_ENV), default="default",
                    help="no-trim: glibc keeps freed memory (no page faults per match); live: glibc returns "
                         "every freed block of 1 MiB or more at once (peak = live memory; see above)")
+    p.add_argument("--release-code", default=None, metavar="DIR",
+                   help="a checkout of the DKM v11 release (github.com/Parskatt/DKM at commit 988ccbc): adds the "
+                        "variants release/release_cc, which run its own dkm_base code on the same weights and pair")
+    p.add_argument("--timeout", type=float, default=900,
+                   help="seconds per worker process; a variant without a result by then is reported as such")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -250,6 +342,11 @@ def main() -> None:
         args.arch = args.arch[0]
         return worker(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.release_code:
+        args.release_code = str(Path(args.release_code).expanduser().resolve())
+        if not (Path(args.release_code) / "dkm" / "models" / "build_model.py").is_file():
+            raise SystemExit(f"--release-code {args.release_code}: no dkm/models/build_model.py there; expected a "
+                             "checkout of github.com/Parskatt/DKM at the v11 release (git checkout 988ccbc)")
     if args.variants is None:
         import torch
 

@@ -27,3 +27,60 @@ def test_match_speed_bench_runs_and_reports_every_column():
     assert float(faithful[6]) == 0.0 and float(faithful[8]) == 0.0
     assert float(fast[6]) < 0.5 and float(fast[8]) < 1e-2, out
     assert "B=2" in out and "importing torch+dkm alone" in out
+
+
+FAKE_RELEASE = '''
+import torch
+
+URL = "https://github.com/Parskatt/storage/releases/download/dkm/dkm_base_v11.pth"
+
+
+def dkm_base(pretrained=True, version="v11"):
+    """Stands in for the release: downloads its weights and hard-codes CUDA, as the release does."""
+    return FakeRelease(torch.hub.load_state_dict_from_url(URL))
+
+
+class FakeRelease:
+    h_resized, w_resized = 384, 512
+
+    def __init__(self, state_dict):
+        assert "encoder.resnet.conv1.weight" in state_dict
+
+    def match(self, im1, im2, check_cycle_consistency=False):
+        if check_cycle_consistency:
+            raise RuntimeError("fake release: no cycle consistency")
+        h, w = self.h_resized, self.w_resized
+        ys = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device="cuda:0")
+        xs = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device="cuda:0")
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).cuda()
+        return torch.cat((grid, grid), dim=-1), torch.ones(h, w).cuda()
+'''
+
+
+def test_match_speed_bench_runs_the_release_code_on_the_bench_device(tmp_path):
+    """--release-code: the release's CUDA calls and weight download are redirected to the bench's device
+    and synthetic weights (a stand-in checkout with the release's layout: the real one is not fetched in
+    tests), its results join the table, and a release variant that fails is reported, not fatal."""
+    models = tmp_path / "DKM" / "dkm" / "models"
+    models.mkdir(parents=True)
+    (models.parent / "__init__.py").write_text("")
+    (models / "__init__.py").write_text("")
+    (models / "build_model.py").write_text(FAKE_RELEASE)
+    cmd = [sys.executable, str(REPO / "bench" / "match_speed.py"), "--arch", "dkm_base", "--h", "32", "--w", "48",
+           "--repeats", "1", "--variants", "faithful", "faithful_cc", "--release-code", str(tmp_path / "DKM")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    release = re.search(r"^release +(\d\S*) .*$", out, re.M)
+    assert release and float(release.group(1)) >= 0 and len(release.group(0).split()) == 9, out
+    # the stand-in returns the identity warp at the requested 32x48 grid: its deviation from the faithful path
+    # is that path's flow itself, i.e. finite and non-zero
+    assert 0 < float(release.group(0).split()[6]) < 100, out
+    assert re.search(r"^release_cc +failed: RuntimeError: fake release: no cycle consistency$", out, re.M), out
+    assert "against the release's own code (release:" in out and "faithful 1.00x memory" not in out
+
+
+def test_match_speed_bench_rejects_a_directory_without_the_release_layout(tmp_path):
+    cmd = [sys.executable, str(REPO / "bench" / "match_speed.py"), "--release-code", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no dkm/models/build_model.py" in res.stderr and "988ccbc" in res.stderr
