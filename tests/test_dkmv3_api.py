@@ -8,7 +8,8 @@ import torch
 
 from dkm import build_model
 from dkm.geometry.coords import normalized_grid
-from dkm.models.local_correlation import local_correlation
+from dkm.models import decoder as decoder_module
+from dkm.models.local_correlation import chunk_for_budget, local_correlation, rows_for_budget
 from dkm.models.sampling import SAMPLE_MODES, kde_density, sample_matches
 
 
@@ -32,6 +33,19 @@ def test_local_correlation_by_hand_and_chunked():
     assert torch.allclose(corr[0, 0, 0, 0], torch.tensor(0.0))  # (-1, -1) of the corner: padding
     for chunk in (1, 4, 9):
         torch.testing.assert_close(local_correlation(x, y, 1, flow=flow, chunk=chunk), corr, atol=1e-5, rtol=0)
+        for rows in (1, 4, 6):  # bands of query rows, the last one shorter for 4
+            torch.testing.assert_close(local_correlation(x, y, 1, flow=flow, chunk=chunk, rows=rows), corr,
+                                       atol=1e-5, rtol=0)
+
+
+def test_correlation_windows_stay_in_budget():
+    """DKMv3 outdoor's stride-8 correlation at 864x1152 (C = 512, 108x144, 49 offsets): 4 offsets per
+    call (the floor), and rows split so that one window holds at most the 7M-element budget."""
+    chunk = chunk_for_budget(1, 512, 108, 144)
+    rows = rows_for_budget(1, 512, 144, chunk)
+    assert chunk == 4 and rows == 24 and 512 * rows * 144 * chunk <= 7 << 20 < 512 * (rows + 1) * 144 * chunk
+    assert rows_for_budget(1, 64, 32, 4) == (7 << 20) // (64 * 32 * 4)  # small inputs: one band (rows >= h)
+    assert rows_for_budget(1, 1 << 20, 1 << 10, 49) == 1
 
 
 def test_kde_is_chunk_invariant_and_matches_the_dense_formula():
@@ -87,3 +101,22 @@ def test_fast_faithful_and_bfloat16_agree_and_batches_work(tiny):
     grid = normalized_grid(64, 96)
     torch.testing.assert_close(w1[0, :, :96, :2], grid)
     torch.testing.assert_close(w1[0, :, 96:, 2:], grid)
+
+
+def test_fast_path_correlation_in_row_bands_gives_the_same_match(tiny, monkeypatch):
+    """The refiners' correlation windows sampled one query row at a time (as large inputs are) match the
+    windows of whole feature maps (the tiny inputs' default)."""
+    rng = np.random.default_rng(1)
+    a = torch.from_numpy(rng.random((1, 3, 80, 100), dtype=np.float32))
+    w1, c1 = tiny.match(a, a.flip(-1), fast=True)
+    calls = []
+
+    def one_row(*args, **kwargs):
+        calls.append(args)
+        return 1
+
+    monkeypatch.setattr(decoder_module, "rows_for_budget", one_row)
+    w2, c2 = tiny.match(a, a.flip(-1), fast=True)
+    assert calls  # the decoder asked for the bands
+    torch.testing.assert_close(w2, w1, atol=1e-6, rtol=0)
+    torch.testing.assert_close(c2, c1, atol=1e-6, rtol=0)

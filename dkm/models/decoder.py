@@ -11,7 +11,7 @@ from torch import nn
 
 from ..geometry.coords import normalized_grid
 from .fused import conv2d_relu, fold_batchnorm
-from .local_correlation import chunk_for_budget, local_correlation
+from .local_correlation import chunk_for_budget, local_correlation, rows_for_budget
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
@@ -199,17 +199,18 @@ class ConvRefiner(nn.Module):
         """DKMv3's extra refiner inputs, in float32: the embedding (B, E, h, w) of the displacement
         ``flow - own position`` and, if configured, the local correlation (B, (2r+1)^2, h, w) of ``x``
         with ``y`` around the flow target (outside autocast; the fast path samples the window in
-        chunks of offsets instead of one (B, C, h, w, (2r+1)^2) tensor)."""
+        chunks of offsets and bands of rows instead of one (B, C, h, w, (2r+1)^2) tensor)."""
         b, _, h, w = x.shape
         grid = normalized_grid(h, w, device=flow.device, dtype=flow.dtype, batch=b).permute(0, 3, 1, 2)
         with torch.autocast(x.device.type, enabled=False):
             parts = [self.disp_emb((flow - grid).to(self.disp_emb.weight.dtype)).to(flow.dtype)]
             if self.local_corr_radius:
-                chunk = None
+                chunk = rows = None
                 if fast and not self.training:
                     chunk = self.corr_chunk or chunk_for_budget(*x.shape)
+                    rows = rows_for_budget(b, x.shape[1], w, chunk)
                 parts.append(local_correlation(x.to(flow.dtype), y.to(flow.dtype), self.local_corr_radius,
-                                               flow=flow, chunk=chunk))
+                                               flow=flow, chunk=chunk, rows=rows))
         return parts
 
     def _refine_folded(self, parts: list[torch.Tensor]) -> torch.Tensor:

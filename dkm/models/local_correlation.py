@@ -24,7 +24,7 @@ def window_offsets(radius: int, h: int, w: int, *, device=None, dtype=torch.floa
 
 
 def local_correlation(feat0: torch.Tensor, feat1: torch.Tensor, radius: int, flow: torch.Tensor | None = None,
-                      chunk: int | None = None) -> torch.Tensor:
+                      chunk: int | None = None, rows: int | None = None) -> torch.Tensor:
     """Correlation of ``feat0`` with a window of ``feat1`` around ``flow``.
 
     Args:
@@ -35,6 +35,8 @@ def local_correlation(feat0: torch.Tensor, feat1: torch.Tensor, radius: int, flo
             with an einsum, operation for operation as the release (a (B, C, h, w, K) intermediate).
             With ``chunk`` the memory is bounded by ``B * C * h * w * chunk`` elements (and the
             products run as one batched matmul per chunk, which is faster on CPU).
+        rows: with ``chunk``, the number of query rows per ``grid_sample`` call (``None`` = all ``h``):
+            bounds the sampled window to ``B * C * rows * w * chunk`` elements (the same result).
 
     Returns:
         (B, K, h, w) with ``K = (2r+1)^2``, offsets row-major with ``dy`` outer.
@@ -52,19 +54,23 @@ def local_correlation(feat0: torch.Tensor, feat1: torch.Tensor, radius: int, flo
         coords = (centres[:, :, :, None] + offsets[None, None, None]).reshape(b, h, w * k, 2)
         window = F.grid_sample(feat1, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
         return torch.einsum("bchw,bchwk->bkhw", feat0, window.reshape(b, c, h, w, k)) / c ** 0.5
-    # Chunks of offsets, sampled channels-last (much faster on CPU); per pixel a (1 x C) @ (C x n)
-    # product, batched as one bmm.
-    lhs = feat0.permute(0, 2, 3, 1).reshape(b * h * w, 1, c)
+    # Chunks of offsets (and bands of query rows), sampled channels-last (much faster on CPU); per
+    # pixel a (1 x C) @ (C x n) product, batched as one bmm.
+    chunk, rows = max(1, int(chunk)), h if rows is None else max(1, int(rows))
+    query = feat0.permute(0, 2, 3, 1)  # (B, h, w, C), a view when channels-last
     feat1 = feat1.contiguous(memory_format=torch.channels_last)
-    outs = []
-    for i in range(0, k, max(1, int(chunk))):
-        off = offsets[i:i + chunk]
-        n = off.shape[0]
-        coords = (centres[:, :, :, None] + off[None, None, None]).reshape(b, h, w * n, 2)
-        window = F.grid_sample(feat1, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
-        window = window.permute(0, 2, 3, 1).reshape(b * h * w, n, c)  # a view when channels-last
-        outs.append(torch.bmm(lhs, window.transpose(1, 2)).reshape(b, h, w, n))
-    return (torch.cat(outs, dim=-1) / c ** 0.5).permute(0, 3, 1, 2)
+    out = centres.new_empty(b, h, w, k)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        lhs = query[:, r0:r1].reshape(b * (r1 - r0) * w, 1, c)
+        for i in range(0, k, chunk):
+            off = offsets[i:i + chunk]
+            n = off.shape[0]
+            coords = (centres[:, r0:r1, :, None] + off[None, None, None]).reshape(b, r1 - r0, w * n, 2)
+            window = F.grid_sample(feat1, coords, mode="bilinear", padding_mode="zeros", align_corners=False)
+            window = window.permute(0, 2, 3, 1).reshape(b * (r1 - r0) * w, n, c)  # a view when channels-last
+            out[:, r0:r1, :, i:i + n] = torch.bmm(lhs, window.transpose(1, 2)).reshape(b, r1 - r0, w, n)
+    return (out / c ** 0.5).permute(0, 3, 1, 2)
 
 
 def chunk_for_budget(b: int, c: int, h: int, w: int, max_elements: int = 7 << 20, min_chunk: int = 4) -> int:
@@ -75,5 +81,13 @@ def chunk_for_budget(b: int, c: int, h: int, w: int, max_elements: int = 7 << 20
     that they are recycled by the heap instead of being mapped, page-faulted and unmapped per chunk.
     The floor exists because grid_sample returns the window channels-first, and the per-pixel matrix
     product over such a window is several times slower with 1 or 2 offsets per pixel than with 4
-    (measured on CPU: 7.2 s instead of 1.5 s for DKMv3's stride-8 correlation at 864x1152)."""
+    (measured on CPU: 7.2 s instead of 1.5 s for DKMv3's stride-8 correlation at 864x1152). Where
+    even ``min_chunk`` offsets exceed the budget, :func:`rows_for_budget` splits the query rows."""
     return max(min_chunk, int(max_elements) // max(1, b * c * h * w))
+
+
+def rows_for_budget(b: int, c: int, w: int, chunk: int, max_elements: int = 7 << 20) -> int:
+    """Query rows per ``grid_sample`` call so that a window of ``chunk`` offsets holds at most
+    ``max_elements`` (at least one row). DKMv3's outdoor windows at 864x1152 would otherwise hold
+    32M elements (127 MB) per call: each one mapped, page-faulted and unmapped by glibc."""
+    return max(1, int(max_elements) // max(1, b * c * w * chunk))
