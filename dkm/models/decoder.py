@@ -50,12 +50,15 @@ def _with_halo(band: torch.Tensor, above: torch.Tensor | None, below: torch.Tens
 def _conv_banded(bands: list, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d):
     """Yields ``conv2d_relu`` of the row bands of one image, band by band, as the convolution of their
     concatenation would give them: each band gets the bordering rows of its neighbours (zeros at the
-    image border) instead of the convolution's own row padding. Empties ``bands`` as it goes."""
+    image border) instead of the convolution's own row padding. Empties ``bands`` as it goes: an input
+    band is freed before its output is yielded (so that it is not alive while the consumer runs)."""
     rows, cols = conv.padding
     if len(bands) == 1 or rows == 0:  # nothing crosses a band border
         for i in range(len(bands)):
             band, bands[i] = bands[i], None
-            yield conv2d_relu(band, weight, bias, conv)
+            out = conv2d_relu(band, weight, bias, conv)
+            del band
+            yield out
         return
     above = None
     for i in range(len(bands)):
@@ -64,7 +67,9 @@ def _conv_banded(bands: list, weight: torch.Tensor, bias: torch.Tensor, conv: nn
         x = _with_halo(band, above, below, rows)
         above = band[:, :, -rows:]
         del band
-        yield conv2d_relu(x, weight, bias, conv, padding=(0, cols))
+        out = conv2d_relu(x, weight, bias, conv, padding=(0, cols))
+        del x
+        yield out
 
 
 class RRB(nn.Module):
