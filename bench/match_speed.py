@@ -307,6 +307,8 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
         print(f"\nagainst the release's own code ({rel}: {tr:.3f} s/match, peak {mr:.0f} MiB): "
               + ", ".join(f"{v} {tr / results[v]['median']['1']:.2f}x faster, {results[v]['peak_rss_mib'] / mr:.2f}x memory"
                           for v in others))
+    if not results:
+        return
     imp = next(iter(results.values()))["rss_after_import_mib"]
     print(f"\n(peak MiB: max resident set of a process that imports dkm, loads the weights and runs one "
           f"match; importing torch+dkm alone: {imp:.0f} MiB)")
