@@ -17,9 +17,17 @@ Each architecture runs at its own default resolution unless --h/--w are given. D
 directions in one match() (symmetric), so its cycle-consistency variants (a v11 option) are skipped;
 its deviation is measured on all four columns of its (H, 2W, 4) output.
 
-The reduced-precision variants run by default only where bfloat16 (CPU: AVX512-BF16 or AMX) or
-float16 (CUDA) is native; elsewhere it is emulated and slower than float32 (select them with
---variants to measure that anyway). The header names the CPU and its capabilities.
+Variants: ``faithful`` (``fast=False``, the release's operations), ``fast`` (the default path),
+``fast_lowp`` (``match(dtype=bfloat16)``, float16 on CUDA: the refiners in reduced precision) and
+``fast_lowp_net`` (``precision_scope="network"``: also the encoder, projections and embedding
+decoder); each ``*_cc`` with ``check_cycle_consistency=True``. The reduced-precision variants run by
+default only where bfloat16 (CPU: AVX512-BF16 or AMX) or float16 (CUDA) is native; elsewhere it is
+emulated and slower than float32 (select them with --variants to measure that anyway). The header
+names the CPU and its capabilities.
+
+Memory: ``peak MiB`` is the peak resident set of the worker process (import, weights, one match);
+``match MiB`` is that peak minus the resident set just before the first match, i.e. what matching
+adds on top of the imported libraries and the loaded weights, which both paths share.
 
 Time on CPU depends on the C allocator: glibc returns freed activations to the kernel and then
 page-faults them back in on every match (the "faults/match" column). ``--malloc no-trim`` runs
@@ -57,13 +65,15 @@ LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": st
 MALLOC_ENV = {"default": {}, "no-trim": NO_TRIM_ENV, "live": LIVE_ENV}
 
 VARIANTS = {
-    # name: (fast, cycle, reduced precision)
-    "faithful": (False, False, False),
-    "faithful_cc": (False, True, False),
-    "fast": (True, False, False),
-    "fast_cc": (True, True, False),
-    "fast_lowp": (True, False, True),
-    "fast_lowp_cc": (True, True, True),
+    # name: (fast, cycle, reduced precision: None or match()'s precision_scope)
+    "faithful": (False, False, None),
+    "faithful_cc": (False, True, None),
+    "fast": (True, False, None),
+    "fast_cc": (True, True, None),
+    "fast_lowp": (True, False, "refiners"),
+    "fast_lowp_cc": (True, True, "refiners"),
+    "fast_lowp_net": (True, False, "network"),
+    "fast_lowp_net_cc": (True, True, "network"),
 }
 #: variants running the DKM v11 release's own code (``--release-code``; dkm_base only): name -> cycle consistency
 RELEASE_VARIANTS = {"release": False, "release_cc": True}
@@ -80,16 +90,29 @@ def make_pair(h: int = 512, w: int = 512):
     return im1, im2
 
 
-def rss_mib() -> float:
-    """Peak resident memory of this process so far (VmHWM; unlike ``ru_maxrss`` it does not inherit
-    the parent's peak across fork/exec)."""
+def rss_mib(field: str = "VmHWM") -> float:
+    """Peak resident memory of this process so far (``VmHWM``; unlike ``ru_maxrss`` it does not inherit
+    the parent's peak across fork/exec), or its current resident memory (``field="VmRSS"``)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # macOS: bytes, Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # macOS: bytes, Linux: KiB (peak)
+
+
+def make_resident(model) -> None:
+    """Read every parameter and buffer once, so that weights loaded as a memory map are resident
+    before the baseline of ``match MiB`` is taken (else the first match would be charged for them)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point() and t.numel():
+                t.sum()
 
 
 def dkm_runner(args):
@@ -101,21 +124,22 @@ def dkm_runner(args):
 
     torch.set_num_threads(args.threads)
     import_rss = rss_mib()
-    fast, cycle, lowp = VARIANTS[args.variant]
+    fast, cycle, scope = VARIANTS[args.variant]
     dtype = None
-    if lowp:
+    if scope:
         dtype = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
     model = dkm.build_model({"arch": args.arch, "weights": args.weights, "fast": fast, "h": args.h, "w": args.w})
     model = model.to(args.device)
+    make_resident(model)
     im1, im2 = (Image.fromarray(a) for a in make_pair())
+    opts = {"check_cycle_consistency": cycle, "dtype": dtype, "precision_scope": scope}
 
     def run(batch: int):
         if batch == 1:
-            return model.match(im1, im2, check_cycle_consistency=cycle, dtype=dtype)
+            return model.match(im1, im2, **opts)
         t1 = torch.from_numpy(np.asarray(im1).copy()).permute(2, 0, 1).float().div(255)
         t2 = torch.from_numpy(np.asarray(im2).copy()).permute(2, 0, 1).float().div(255)
-        return model.match(t1.expand(batch, -1, -1, -1), t2.expand(batch, -1, -1, -1),
-                           check_cycle_consistency=cycle, dtype=dtype)
+        return model.match(t1.expand(batch, -1, -1, -1), t2.expand(batch, -1, -1, -1), **opts)
 
     return run, import_rss
 
@@ -154,6 +178,7 @@ def release_runner(args):
     import_rss = rss_mib()
     model = dkm_base(pretrained=True)  # builds its ResNet without ImageNet weights, then loads args.weights
     model.h_resized, model.w_resized = args.h, args.w
+    make_resident(model)
     im1, im2 = (Image.fromarray(a) for a in make_pair())
     cycle = args.variant == "release_cc"
 
@@ -177,6 +202,7 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         return out
 
+    loaded_rss = rss_mib("VmRSS")  # imported, weights loaded, nothing matched yet
     t0 = time.perf_counter()
     warp, cert = timed_run(1)
     first = time.perf_counter() - t0
@@ -194,7 +220,7 @@ def worker(args) -> None:
     np.savez(args.out, warp=warp.float().cpu().numpy(), cert=cert.float().cpu().numpy())
     print(json.dumps({
         "variant": args.variant, "first": first, "median": times, "minor_faults": faults, "peak_rss_mib": peak_one_match,
-        "rss_before_torch_mib": import_rss_before, "rss_after_import_mib": import_rss,
+        "rss_before_torch_mib": import_rss_before, "rss_after_import_mib": import_rss, "rss_loaded_mib": loaded_rss,
     }))
 
 
@@ -215,7 +241,9 @@ def combine_rounds(rounds: list[dict]) -> dict:
     out = dict(rounds[0])
     for key in ("median", "minor_faults"):
         out[key] = {b: statistics.median(r[key][b] for r in rounds) for b in rounds[0][key]}
-    out["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in rounds)
+    for key in ("peak_rss_mib", "rss_loaded_mib"):
+        out[key] = statistics.median(r[key] for r in rounds)
+    out["match_mib"] = statistics.median(r["peak_rss_mib"] - r["rss_loaded_mib"] for r in rounds)
     return out
 
 
@@ -272,15 +300,16 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
     where = f"{args.device} ({cpu_description()})" if args.device == "cpu" else args.device
     print(f"\nmatch() on {arch} at {h}x{w}, {where}, {args.threads} threads, malloc {args.malloc}, "
           f"median of {args.repeats} repeats x {args.rounds} round(s) (pair: astronaut + homography, synthetic weights)")
-    print(f"{'variant':<14} {'s/match':>8} {'faults/match':>12} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
-          f"{'max dflow px':>12} {'p99 dflow px':>12} {'max dcert':>9}")
+    print(f"{'variant':<16} {'s/match':>8} {'faults/match':>12} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
+          f"{'match MiB':>9} {'vs faithful':>11} {'max dflow px':>12} {'p99 dflow px':>12} {'max dcert':>9}")
     for v, r in results.items():
         base = "faithful_cc" if v.endswith("_cc") else "faithful"
         t = r["median"]["1"]
-        line = f"{v:<14} {t:8.3f} {r['minor_faults']['1']:12.0f}"
+        line = f"{v:<16} {t:8.3f} {r['minor_faults']['1']:12.0f}"
         if base in results:
-            tb, mb = results[base]["median"]["1"], results[base]["peak_rss_mib"]
-            line += f" {tb / t:10.2f}x {r['peak_rss_mib']:9.0f} {r['peak_rss_mib'] / mb:10.2f}x"
+            tb, mb, ab = results[base]["median"]["1"], results[base]["peak_rss_mib"], results[base]["match_mib"]
+            line += (f" {tb / t:10.2f}x {r['peak_rss_mib']:9.0f} {r['peak_rss_mib'] / mb:10.2f}x"
+                     f" {r['match_mib']:9.0f} {r['match_mib'] / ab:10.2f}x")
             wv, wb = outputs[v]["warp"], outputs[base]["warp"]
             ho, wo = wv.shape[-3], wv.shape[-2] // (2 if is_v3 else 1)  # output grid of one direction
             if is_v3:  # [grid_q, q->s | s->q, grid_s]: every column can move
@@ -291,15 +320,15 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
             dcert = np.abs(outputs[v]["cert"] - outputs[base]["cert"]).max()
             line += f" {dflow.max():12.4f} {np.quantile(dflow, 0.99):12.4f} {dcert:9.2e}"
         else:
-            line += f" {'':>11} {r['peak_rss_mib']:9.0f}"
+            line += f" {'':>11} {r['peak_rss_mib']:9.0f} {'':>11} {r['match_mib']:9.0f}"
         print(line)
     for v, why in failed.items():
-        print(f"{v:<14} {why}")
+        print(f"{v:<16} {why}")
     if len(args.batches) > 1:
         print("\nseconds per pair by batch size B (match() on a batch of B pairs, divided by B):")
-        print(f"{'variant':<14} " + " ".join(f"{'B=' + str(b):>8}" for b in args.batches))
+        print(f"{'variant':<16} " + " ".join(f"{'B=' + str(b):>8}" for b in args.batches))
         for v, r in results.items():
-            print(f"{v:<14} " + " ".join(f"{r['median'][str(b)] / b:8.3f}" if str(b) in r["median"] else f"{'-':>8}"
+            print(f"{v:<16} " + " ".join(f"{r['median'][str(b)] / b:8.3f}" if str(b) in r["median"] else f"{'-':>8}"
                                           for b in args.batches))
     for rel in (r for r in RELEASE_VARIANTS if r in results):
         tr, mr = results[rel]["median"]["1"], results[rel]["peak_rss_mib"]
@@ -310,8 +339,11 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
     if not results:
         return
     imp = next(iter(results.values()))["rss_after_import_mib"]
+    loaded = next(iter(results.values()))["rss_loaded_mib"]
     print(f"\n(peak MiB: max resident set of a process that imports dkm, loads the weights and runs one "
-          f"match; importing torch+dkm alone: {imp:.0f} MiB)")
+          f"match; importing torch+dkm alone: {imp:.0f} MiB, with the weights loaded and resident: {loaded:.0f} MiB. "
+          f"match MiB: that peak minus the resident set just before the first match, i.e. what the match "
+          f"itself adds: activations, allocator slack, oneDNN's code and caches)")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .benchmarks import BENCHMARKS, dedup_records
+from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
 from .utils.distributed import shard as shard_indices
 
@@ -128,6 +129,10 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             log.warning("merge: %d of %d pairs have no record (first: %s)", len(missing), len(indices), missing[:10])
         metrics = bench.compute_metrics(records)
     else:
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
+        if cfg.get("precision_scope", "refiners") not in PRECISION_SCOPES:
+            raise ValueError(f"precision_scope={cfg.precision_scope!r}: expected one of {list(PRECISION_SCOPES)}")
         if cfg.ckpt is not None:
             if model_cfg.get("arch") == "sift":
                 raise ValueError("ckpt= was given but model=sift has no weights; choose a DKM model (model=dkm_base)")
@@ -143,6 +148,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         model = model.to(device).eval()
         if hasattr(model, "inference_dtype"):
             model.inference_dtype = DTYPES[cfg.dtype]
+            model.inference_precision_scope = cfg.get("precision_scope", "refiners")
         resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
         log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
                  model_cfg.get("arch"), bench.name, len(indices), len(bench), device, resolution, upsample_res)
@@ -159,6 +165,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         "seed": cfg.seed,
         "device": None if device is None else str(device),
         "dtype": cfg.dtype,
+        "precision_scope": cfg.get("precision_scope", "refiners"),
         "limit": cfg.limit,
         "subset": OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset"),
         "shard": cfg.get("shard"),

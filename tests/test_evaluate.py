@@ -64,6 +64,9 @@ def test_config_errors_fail_at_start(tiny_hpatches, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         evaluate_benchmark(cfg_for("model=dkm_small", f"data_root={tiny_hpatches}", f"ckpt={tmp_path / 'x.pth'}"),
                            tmp_path / "c")
+    for bad, match in (("dtype=float8", "dtype='float8'"), ("precision_scope=all", "precision_scope='all'")):
+        with pytest.raises(ValueError, match=match):
+            evaluate_benchmark(cfg_for("model=dkm_small", f"data_root={tiny_hpatches}", bad), tmp_path / "d")
     assert not (tmp_path / "a" / "metrics.json").exists()
 
 
@@ -81,12 +84,14 @@ def test_checkpoint_hash_and_internal_resolution(tiny_hpatches, tmp_path):
     torch.save(model.state_dict(), ckpt)
     cfg = cfg_for("benchmark=hpatches", "model=dkm_small", "model.h=64", "model.w=96", f"ckpt={ckpt}",
                   f"data_root={tiny_hpatches}", "subset=[0]", "benchmark.resolution=[32,48]",
-                  "benchmark.num_samples=500", "device=cpu", "progress=false")
+                  "benchmark.num_samples=500", "device=cpu", "progress=false", "dtype=bfloat16",
+                  "precision_scope=network")
     metrics = evaluate_benchmark(cfg, tmp_path / "run")
     res = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert res["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert res["protocol"]["effective_resolution"] == [32, 48]
     assert res["protocol"]["effective_upsample_res"] is None  # v11 has no upsampling pass
+    assert (res["dtype"], res["precision_scope"]) == ("bfloat16", "network")
     assert metrics["num_pairs"] == 1
     row = next(csv.DictReader(open(tmp_path / "run" / "pairs.csv")))
     assert int(row["num_matches"]) == 500

@@ -253,3 +253,62 @@ def test_keep_freed_memory_applies_on_glibc_and_checks_its_arguments():
     assert out.returncode == 0, out.stderr
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert out.stdout.strip() == str(glibc)
+
+
+@pytest.mark.parametrize("arch", ["v11", "v3"])
+def test_precision_scope_decides_what_runs_in_reduced_precision(small, rgb, arch):
+    """``precision_scope="refiners"`` (default): only the refiners' convolutions see bfloat16;
+    ``"network"``: the encoder, projections and embedding decoder too. Either way the GP's inputs, the
+    embedding decoder's flow output and match()'s outputs are float32."""
+    from dkm.models import decoder as decoder_module
+    from dkm.models import encoder as encoder_module
+    from dkm.models import fused
+    from dkm.models.gp import GP
+
+    model = small if arch == "v11" else zoo.build_model({"arch": "dkmv3_outdoor", "h": 64, "w": 96,
+                                                         "upsample_res": [96, 128]}).eval()
+    seen = {}  # part -> set of compute dtypes
+    orig_conv2d_relu, orig_gp, orig_emb = fused.conv2d_relu, GP._mean, decoder_module.EmbeddingDecoder.forward
+
+    def part_of(conv):
+        if any(conv is m for m in model.encoder.modules()):
+            return "encoder"
+        return "refiners" if any(conv is m for m in model.decoder.conv_refiner.modules()) else "other"
+
+    def conv_spy(x, weight, bias, conv, **kw):
+        out = orig_conv2d_relu(x, weight, bias, conv, **kw)
+        seen.setdefault(part_of(conv), set()).add(out.dtype)
+        return out
+
+    def gp_spy(self, x, y, fast):
+        seen.setdefault("gp", set()).update({x.dtype, y.dtype})
+        return orig_gp(self, x, y, fast)
+
+    def emb_spy(self, gp_out, feats, state, scale, **kw):
+        flow, cert, state = orig_emb(self, gp_out, feats, state, scale, **kw)
+        seen.setdefault("embedding features", set()).add(feats.dtype)
+        seen.setdefault("coarse flow", set()).update({flow.dtype, cert.dtype})
+        return flow, cert, state
+
+    mp = pytest.MonkeyPatch()
+    try:
+        for module in (fused, decoder_module, encoder_module):  # each module's own name for it
+            mp.setattr(module, "conv2d_relu", conv_spy)
+        mp.setattr(GP, "_mean", gp_spy)
+        mp.setattr(decoder_module.EmbeddingDecoder, "forward", emb_spy)
+        out = {}
+        for scope in ("refiners", "network"):
+            seen.clear()
+            warp, cert = model.match(rgb, rgb, dtype=torch.bfloat16, precision_scope=scope)
+            assert warp.dtype == cert.dtype == torch.float32 and torch.isfinite(warp).all()
+            out[scope] = dict(seen)
+    finally:
+        mp.undo()
+    bf16, f32 = {torch.bfloat16}, {torch.float32}
+    assert out["refiners"]["refiners"] == bf16 and out["network"]["refiners"] == bf16
+    assert out["refiners"]["encoder"] == f32 and out["network"]["encoder"] == bf16
+    assert out["refiners"]["embedding features"] == f32 and out["network"]["embedding features"] == bf16
+    for scope in out:
+        assert out[scope]["gp"] == f32 and out[scope]["coarse flow"] == f32
+    with pytest.raises(ValueError, match="precision_scope"):
+        model.match(rgb, rgb, dtype=torch.bfloat16, precision_scope="everything")

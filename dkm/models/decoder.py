@@ -5,19 +5,16 @@ Module and attribute names follow the released checkpoints (their state_dict key
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import normalized_grid
+from ..utils.device import autocast_to
 from .fused import conv2d_relu, fold_batchnorm
 from .local_correlation import chunk_for_budget, local_correlation, rows_for_budget
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    """Autocast to ``dtype`` on ``device``; a no-op for ``None``/float32/float64."""
-    enabled = dtype is not None and dtype not in (torch.float32, torch.float64)
-    return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)
 
 
 def _cat_channels_last(parts: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -128,16 +125,22 @@ class EmbeddingDecoder(nn.Module):
     def scales(self) -> list[int]:
         return [int(k) for k in self.terminal_module.keys()]
 
-    def forward(self, gp_out, feats, state, scale: int):
+    def forward(self, gp_out, feats, state, scale: int, float32_output: bool = False):
         """``gp_out`` (B, gp_dim, h, w), ``feats`` (B, C, h, w), ``state`` (B, internal_dim, h, w).
 
         Returns ``flow`` (B, 2, h, w), ``certainty`` logits (B, 1, h, w) and the new state.
+        ``float32_output``: the terminal convolution (whose output is the flow itself, in normalized
+        coordinates) runs in float32 even under autocast (reduced-precision inference).
         """
         k = str(scale)
         x = torch.cat([self.feat_input_modules[k](feats), gp_out], dim=1)
         x = self.rrb_d[k](x)
         state = self.rrb_u[k](self.cab[k](state, x))
-        out = self.terminal_module[k](state)
+        if float32_output:
+            with torch.autocast(state.device.type, enabled=False):
+                out = self.terminal_module[k](state.to(self.terminal_module[k].weight.dtype))
+        else:
+            out = self.terminal_module[k](state)
         return out[:, -2:], out[:, :-2], state
 
 
@@ -189,11 +192,13 @@ class ConvRefiner(nn.Module):
         """
         with torch.no_grad():  # gradients through grid_sample were unstable in the original work
             y_warped = F.grid_sample(y.to(flow.dtype), flow.permute(0, 2, 3, 1), mode="bilinear", align_corners=False)
-        parts = [x.to(y_warped.dtype), y_warped]
+        folded = fast and not self.training
+        # (the fast path casts while it concatenates: no round trip of reduced-precision features)
+        parts = [x if folded else x.to(y_warped.dtype), y_warped]
         del y_warped
         if self.disp_emb is not None:  # DKMv3: [x, warped y, displacement embedding, local correlation]
             parts += self._v3_inputs(x, y, flow, fast)
-        if fast and not self.training:
+        if folded:
             d = self._refine_folded(parts)  # takes ownership: each activation is freed once consumed
         else:
             d = self.out_conv(self.hidden_blocks(self.block1(torch.cat(parts, dim=1))))
@@ -229,7 +234,10 @@ class ConvRefiner(nn.Module):
         above 32 MiB with a fresh mapping, page-faulted in and unmapped on each use; bands stay
         below that and are recycled by the heap (DKMv3's stride-1/2/4 refiners, large images)."""
         device = parts[0].device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else parts[0].dtype
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        else:
+            dtype = functools.reduce(torch.promote_types, (p.dtype for p in parts))
         b, _, h, w = parts[0].shape
         blocks = (self.block1, *self.hidden_blocks)
         channels = max(max(blk[0].in_channels, blk[0].out_channels) for blk in blocks)
@@ -275,7 +283,7 @@ class Decoder(nn.Module):
 
     def forward(self, f_q: dict, f_s: dict, fast: bool = False, refine_dtype: torch.dtype | None = None,
                 upsample: bool = False, flow: torch.Tensor | None = None, certainty: torch.Tensor | None = None,
-                consume: bool = False) -> dict:
+                consume: bool = False, coarse_dtype: torch.dtype | None = None) -> dict:
         """Feature pyramids ``{stride: (B, C, H/stride, W/stride)}`` -> ``{stride: {"dense_flow":
         (B, 2, h, w), "dense_certainty": (B, 1, h, w)}}`` (flow in normalized support coordinates,
         certainty as logits; float32 also under autocast).
@@ -283,6 +291,8 @@ class Decoder(nn.Module):
         ``fast``: the inference fast path of the GP and refiners (same function, different rounding).
         ``refine_dtype``: run the refiners' convolutions under autocast in this dtype (bfloat16 or
         float16); the GP, the embedding decoder and all flow arithmetic stay in float32.
+        ``coarse_dtype``: likewise for the stride-16/32 projections and the embedding decoder (its last
+        convolution, which outputs the flow, stays float32); the GP always runs in float32.
         ``upsample`` (DKMv3): only the refiners at strides 8, 4, 2, 1 run, starting from ``flow``
         (B, 2, h', w') and ``certainty`` (B, 1, h', w') logits resized to the stride-8 grid.
         ``consume`` (inference): remove each level from ``f_q`` and ``f_s`` once its scale is done, so
@@ -310,14 +320,17 @@ class Decoder(nn.Module):
             k = str(s)
             fq, fs = f_q[s], f_s[s]
             if k in self.proj:
-                fq, fs = self.proj[k](fq), self.proj[k](fs)
+                with autocast_to(fq.device, coarse_dtype):
+                    fq, fs = self.proj[k](fq), self.proj[k](fs)
             if s in coarse and not upsample:
                 state = F.interpolate(state, size=sizes[s], mode="bilinear", align_corners=False)
                 gp_out = self.gps[k](fq, fs, fast=fast)
-                flow, certainty, state = self.embedding_decoder(gp_out, fq, state, s)
+                with autocast_to(fq.device, coarse_dtype):
+                    flow, certainty, state = self.embedding_decoder(gp_out, fq, state, s,
+                                                                    float32_output=coarse_dtype is not None)
                 flow, certainty = flow.to(dtype), certainty.to(dtype)
             if k in self.conv_refiner:
-                with _autocast(fq.device, refine_dtype):
+                with autocast_to(fq.device, refine_dtype):
                     delta_c, disp = self.conv_refiner[k](fq, fs, flow, fast=fast)
                 flow = torch.stack(
                     (flow[:, 0] + s * disp[:, 0] / (4 * w), flow[:, 1] + s * disp[:, 1] / (4 * h)), dim=1
@@ -347,7 +360,7 @@ class Decoder(nn.Module):
         flow = F.interpolate(flow.permute(0, 3, 1, 2), size=(H, W), mode="bilinear", align_corners=False)
         certainty = F.interpolate(certainty, size=(H, W), mode="bilinear", align_corners=False)
         for _ in range(iterations):
-            with _autocast(query.device, refine_dtype):
+            with autocast_to(query.device, refine_dtype):
                 delta_c, disp = self.conv_refiner["1"](query, support, flow, fast=fast)
             disp = delta_c.sigmoid() * disp
             flow = torch.stack((flow[:, 0] + disp[:, 0] / (4 * W), flow[:, 1] + disp[:, 1] / (4 * H)), dim=1)

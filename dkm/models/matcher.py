@@ -9,11 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import DEFAULT_CENTER, normalized_grid, normalized_to_pixel
-from ..utils.device import reduced_precision_is_native
+from ..utils.device import autocast_to, reduced_precision_is_native
 from ..utils.image import check_image_tensor, load_image, normalize, pil_to_tensor, resize_tensor
 from .sampling import SAMPLE_MODES, sample_matches
 
 log = logging.getLogger(__name__)
+
+#: what ``match(dtype=...)`` runs in reduced precision (see :meth:`RegressionMatcher.match`)
+PRECISION_SCOPES = ("refiners", "network")
 
 
 class _SampleMethod:
@@ -66,6 +69,7 @@ class RegressionMatcher(nn.Module):
         self.fast = fast
         self.inference_batch_size = inference_batch_size
         self.inference_dtype: torch.dtype | None = None  # default ``dtype`` of match()
+        self.inference_precision_scope = "refiners"  # default ``precision_scope`` of match()
         if sample_mode not in SAMPLE_MODES:
             raise ValueError(f"unknown sample_mode {sample_mode!r}; expected one of {SAMPLE_MODES}")
         if upsample_preds and upsample_res is None:
@@ -163,39 +167,49 @@ class RegressionMatcher(nn.Module):
             return pil_to_tensor(p1, size)[None].to(self.device), pil_to_tensor(p2, size)[None].to(self.device)
         return query, support, full, False
 
-    def _encode_fast(self, *images: torch.Tensor, max_stride: int = 32) -> list[dict]:
+    def _encode_fast(self, *images: torch.Tensor, max_stride: int = 32, dtype: torch.dtype | None = None) -> list[dict]:
         """The encoder's pyramids of ``images`` (each (B, 3, H, W)) for the fast path: channels-last
         activations, BatchNorm folded once for all images, ReLU and residual additions fused into the
         convolutions, and each image set through on its own (query and support separately, not as one
-        batch of 2B: smaller activations, faster on CPU)."""
+        batch of 2B: smaller activations, faster on CPU). ``dtype``: the convolutions' autocast dtype
+        (None = float32; stride 1, the image itself, stays float32)."""
         # clone, not .contiguous(): a (1, 3, H, W) view of an HWC image passes is_contiguous(channels_last) but
         # has batch stride 3, which makes PyTorch's layout heuristics (suggest_memory_format) pick NCHW
         # for every activation after it
-        return self.encoder.forward_fused([x.clone(memory_format=torch.channels_last) for x in images],
-                                          max_stride=max_stride)
+        with autocast_to(images[0].device, dtype):
+            return self.encoder.forward_fused([x.clone(memory_format=torch.channels_last) for x in images],
+                                              max_stride=max_stride)
 
-    def _dense_fast(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None):
+    @staticmethod
+    def _coarse_dtype(dtype: torch.dtype | None, scope: str) -> torch.dtype | None:
+        """Compute dtype of the encoder, the projections and the embedding decoder for ``match(dtype,
+        precision_scope=scope)``: ``dtype`` for ``"network"``, float32 (None) for ``"refiners"``."""
+        return dtype if scope == "network" else None
+
+    def _dense_fast(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None,
+                    scope: str = "refiners"):
         """Fast path of the finest-scale prediction: ``(q2s (B, 2, h, w), certainty logits
         (B, 1, h, w), s2q (B, 2, h, w) or None)``. Pairs go through in micro-batches: per micro-batch
         queries and supports through the encoder side by side (:meth:`_encode_fast`), one decoder
         pass per direction (a batch-2 symmetric pass is several times slower on CPU), each pyramid
-        level freed as soon as the last decoder pass is done with it. The encoder stays in float32
-        even when ``dtype`` is reduced: its stride-16/32 features feed the GP, whose exponential
-        kernel amplifies rounding errors."""
+        level freed as soon as the last decoder pass is done with it. ``dtype`` applies to the refiners
+        and, with ``scope="network"``, also to the encoder, projections and embedding decoder (whose
+        stride-16/32 features feed the GP: its exponential kernel amplifies their rounding)."""
         b = query.shape[0]
         step = self.inference_batch_size or (1 if query.device.type == "cpu" else b)
+        lowp = {"refine_dtype": dtype, "coarse_dtype": self._coarse_dtype(dtype, scope)}
         outs = []
         for i in range(0, b, step):
-            f_q, f_s = self._encode_fast(query[i:i + step], support[i:i + step])
-            fwd = self.decoder(f_q, f_s, fast=True, refine_dtype=dtype, consume=not cycle)[1]
-            bwd = self.decoder(f_s, f_q, fast=True, refine_dtype=dtype, consume=True)[1]["dense_flow"] if cycle else None
+            f_q, f_s = self._encode_fast(query[i:i + step], support[i:i + step], dtype=lowp["coarse_dtype"])
+            fwd = self.decoder(f_q, f_s, fast=True, consume=not cycle, **lowp)[1]
+            bwd = self.decoder(f_s, f_q, fast=True, consume=True, **lowp)[1]["dense_flow"] if cycle else None
             outs.append((fwd["dense_flow"], fwd["dense_certainty"], bwd))
         q2s = torch.cat([o[0] for o in outs])
         cert = torch.cat([o[1] for o in outs])
         s2q = torch.cat([o[2] for o in outs]) if cycle else None
         return q2s, cert, s2q
 
-    def _dense_faithful(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None):
+    def _dense_faithful(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None, scope=None):
         """The release's path: one batched (symmetric, if ``cycle``) forward pass."""
         batch = {"query": query, "support": support}
         if cycle:
@@ -205,7 +219,7 @@ class RegressionMatcher(nn.Module):
         out = self.forward(batch)[1]
         return out["dense_flow"], out["dense_certainty"], None
 
-    def _dense_v3(self, query, support, full, fast: bool, dtype=None):
+    def _dense_v3(self, query, support, full, fast: bool, dtype=None, scope: str = "refiners"):
         """DKMv3's passes: ``(flow (D*B, 2, h, w), certainty logits (D*B, 1, h, w), stride-16
         certainty logits (D*B, 1, h16, w16))`` with ``D = 2`` directions ``[q->s; s->q]`` if
         ``symmetric`` (else 1), at the upsampling resolution if ``upsample_preds``."""
@@ -220,18 +234,19 @@ class RegressionMatcher(nn.Module):
             return out[1]["dense_flow"], out[1]["dense_certainty"], cert16
         b = query.shape[0]
         step = self.inference_batch_size or (1 if query.device.type == "cpu" else b)
+        lowp = {"refine_dtype": dtype, "coarse_dtype": self._coarse_dtype(dtype, scope)}
         res = []  # per micro-batch and direction: (flow, certainty, cert16)
         for i in range(0, b, step):
             sl = slice(i, i + step)
-            f_a, f_b = self._encode_fast(query[sl], support[sl])
+            f_a, f_b = self._encode_fast(query[sl], support[sl], dtype=lowp["coarse_dtype"])
             dirs = [(f_a, f_b), (f_b, f_a)] if self.symmetric else [(f_a, f_b)]
-            firsts = [self.decoder(x, y, fast=True, refine_dtype=dtype, consume=j == len(dirs) - 1)
+            firsts = [self.decoder(x, y, fast=True, consume=j == len(dirs) - 1, **lowp)
                       for j, (x, y) in enumerate(dirs)]
             del f_a, f_b, dirs
             if up:
-                u_a, u_b = self._encode_fast(q_up[sl], s_up[sl], max_stride=8)
+                u_a, u_b = self._encode_fast(q_up[sl], s_up[sl], max_stride=8, dtype=lowp["coarse_dtype"])
                 dirs = [(u_a, u_b), (u_b, u_a)] if self.symmetric else [(u_a, u_b)]
-                finals = [self.decoder(x, y, fast=True, refine_dtype=dtype, upsample=True, consume=j == len(dirs) - 1,
+                finals = [self.decoder(x, y, fast=True, upsample=True, consume=j == len(dirs) - 1, **lowp,
                                        flow=o[1]["dense_flow"], certainty=o[1]["dense_certainty"])
                           for j, ((x, y), o) in enumerate(zip(dirs, firsts))]
                 del u_a, u_b, dirs
@@ -243,11 +258,11 @@ class RegressionMatcher(nn.Module):
         cat = lambda j: torch.cat([r[d][j] for d in range(n_dir) for r in res])  # noqa: E731
         return cat(0), cat(1), cat(2)
 
-    def _match_v3(self, im1, im2, fast: bool, dtype=None):
+    def _match_v3(self, im1, im2, fast: bool, dtype=None, scope: str = "refiners"):
         """DKMv3's match(): see :meth:`match`."""
         query, support, full, is_batched = self._prepare(im1, im2)
         with torch.inference_mode() if fast else torch.no_grad():  # (inference_mode(False) re-enables autograd)
-            flow, certainty, cert16 = self._dense_v3(query, support, full, fast, dtype)
+            flow, certainty, cert16 = self._dense_v3(query, support, full, fast, dtype, scope)
         matches, certainty = self._finalize_v3(flow, certainty, cert16)
         if is_batched:
             return matches, certainty
@@ -278,7 +293,8 @@ class RegressionMatcher(nn.Module):
 
     @torch.no_grad()
     def match(self, im1, im2, *args, check_cycle_consistency: bool = False, do_pred_in_og_res: bool = False,
-              batched: bool | None = None, fast: bool | None = None, dtype: torch.dtype | None = None):
+              batched: bool | None = None, fast: bool | None = None, dtype: torch.dtype | None = None,
+              precision_scope: str | None = None):
         """Dense matches from ``im1`` (query) to ``im2`` (support).
 
         Args:
@@ -289,9 +305,15 @@ class RegressionMatcher(nn.Module):
             do_pred_in_og_res: refine the prediction at the resolution of ``im1`` (stride-1 refiner).
             batched: accepted for compatibility with the original API; inferred from the input.
             fast: override the model's default inference path (see the class docstring).
-            dtype: compute dtype of the refiners (most of the FLOPs): ``torch.float32`` (default),
-                ``torch.bfloat16`` (CPU/CUDA) or ``torch.float16`` (CUDA), via autocast; the encoder,
-                the GP solve and all coordinate arithmetic stay in float32. Fast path only.
+            dtype: reduced-precision compute dtype, via autocast: ``torch.float32`` (default),
+                ``torch.bfloat16`` (CPU/CUDA) or ``torch.float16`` (CUDA). Fast path only.
+            precision_scope: what ``dtype`` applies to (default: the model's
+                ``inference_precision_scope``, ``"refiners"``): ``"refiners"`` = the refiners' convolutions
+                (most of the FLOPs; measured 0.02 px from float32); ``"network"`` = also the encoder,
+                the stride-16/32 projections and the embedding decoder (faster, but their rounding
+                reaches the GP, whose kernel amplifies it: px-level deviations with the synthetic
+                weights of the parity fixture; measure on your data). Either way the GP (kernel and
+                solve), the flow outputs and all coordinate arithmetic stay in float32.
 
         Returns:
             ``dense_matches`` (H, W, 4) = ``[x_q, y_q, x_s, y_s]`` in normalized coordinates and
@@ -314,6 +336,9 @@ class RegressionMatcher(nn.Module):
             do_pred_in_og_res = opts.get("do_pred_in_og_res", do_pred_in_og_res)
         fast = self.fast if fast is None else fast
         dtype = dtype or self.inference_dtype or torch.float32
+        scope = precision_scope or self.inference_precision_scope
+        if scope not in PRECISION_SCOPES:
+            raise ValueError(f"precision_scope={scope!r}: expected one of {PRECISION_SCOPES}")
         if dtype != torch.float32 and not fast:
             raise ValueError(f"dtype={dtype} needs the fast path (fast=True); the faithful path is float32")
         if dtype != torch.float32 and not reduced_precision_is_native(self.device, dtype):
@@ -330,7 +355,7 @@ class RegressionMatcher(nn.Module):
                                  "(upsample_preds)")
             self.train(False)
             try:
-                return self._match_v3(im1, im2, fast, dtype)
+                return self._match_v3(im1, im2, fast, dtype, scope)
             finally:
                 self.train(was_training)
         self.train(False)
@@ -339,7 +364,7 @@ class RegressionMatcher(nn.Module):
             b = query.shape[0]
             with torch.inference_mode() if fast else torch.no_grad():  # (inference_mode(False) re-enables autograd)
                 dense = self._dense_fast if fast else self._dense_faithful
-                q2s, certainty, s2q = dense(query, support, check_cycle_consistency, dtype)
+                q2s, certainty, s2q = dense(query, support, check_cycle_consistency, dtype, scope)
                 q2s = q2s.permute(0, 2, 3, 1)
                 hs, ws = query.shape[-2:]
                 if do_pred_in_og_res:

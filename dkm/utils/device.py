@@ -28,6 +28,13 @@ def reduced_precision_is_native(device: torch.device | str, dtype: torch.dtype) 
     return True  # other backends: no way to tell, no warning
 
 
+def autocast_to(device: torch.device | str, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``; a no-op for ``None``/float32/float64."""
+    device = torch.device(device)
+    enabled = dtype is not None and dtype not in (torch.float32, torch.float64)
+    return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)
+
+
 def cpu_description() -> str:
     """``model name`` from /proc/cpuinfo (or platform.processor()), torch's CPU capability level
     and whether bfloat16 is native, e.g. ``"AMD EPYC, AVX2, bfloat16 emulated"``."""
