@@ -308,12 +308,13 @@ class RegressionMatcher(nn.Module):
             dtype: reduced-precision compute dtype, via autocast: ``torch.float32`` (default),
                 ``torch.bfloat16`` (CPU/CUDA) or ``torch.float16`` (CUDA). Fast path only.
             precision_scope: what ``dtype`` applies to (default: the model's
-                ``inference_precision_scope``, ``"refiners"``): ``"refiners"`` = the refiners' convolutions
-                (most of the FLOPs; measured 0.02 px from float32); ``"network"`` = also the encoder,
-                the stride-16/32 projections and the embedding decoder (faster, but their rounding
-                reaches the GP, whose kernel amplifies it: px-level deviations with the synthetic
-                weights of the parity fixture; measure on your data). Either way the GP (kernel and
-                solve), the flow outputs and all coordinate arithmetic stay in float32.
+                ``inference_precision_scope``, ``"refiners"``). ``"refiners"``: the refiners'
+                convolutions (most of the FLOPs; 0.01 px from float32 at the 99th percentile on the
+                parity fixture). ``"network"``: also the encoder, the stride-16/32 projections and the
+                embedding decoder (faster, but their rounding reaches the GP, whose kernel amplifies
+                it: 2.8 px at the 99th percentile with the fixture's synthetic weights; measure on your
+                data). Either way the GP (kernel and solve), the flow outputs and all coordinate
+                arithmetic stay in float32.
 
         Returns:
             ``dense_matches`` (H, W, 4) = ``[x_q, y_q, x_s, y_s]`` in normalized coordinates and
