@@ -255,11 +255,12 @@ def test_keep_freed_memory_applies_on_glibc_and_checks_its_arguments():
     assert out.stdout.strip() == str(glibc)
 
 
-@pytest.mark.parametrize("arch", ["v11", "v3"])
-def test_precision_scope_decides_what_runs_in_reduced_precision(small, rgb, arch):
-    """``precision_scope="refiners"`` (default): only the refiners' convolutions see bfloat16;
+@pytest.mark.parametrize("arch, dtype", [("v11", torch.bfloat16), ("v11", torch.float16), ("v3", torch.bfloat16)])
+def test_precision_scope_decides_what_runs_in_reduced_precision(small, rgb, arch, dtype):
+    """``precision_scope="refiners"`` (default): only the refiners' convolutions see ``dtype``;
     ``"network"``: the encoder, projections and embedding decoder too. Either way the GP's inputs, the
-    embedding decoder's flow output and match()'s outputs are float32."""
+    embedding decoder's flow output and match()'s outputs are float32. (float16 on CPU takes the
+    ``F.conv2d`` path that CUDA takes: oneDNN's fused kernels are for float32/bfloat16 only.)"""
     from dkm.models import decoder as decoder_module
     from dkm.models import encoder as encoder_module
     from dkm.models import fused
@@ -299,15 +300,15 @@ def test_precision_scope_decides_what_runs_in_reduced_precision(small, rgb, arch
         out = {}
         for scope in ("refiners", "network"):
             seen.clear()
-            warp, cert = model.match(rgb, rgb, dtype=torch.bfloat16, precision_scope=scope)
+            warp, cert = model.match(rgb, rgb, dtype=dtype, precision_scope=scope)
             assert warp.dtype == cert.dtype == torch.float32 and torch.isfinite(warp).all()
             out[scope] = dict(seen)
     finally:
         mp.undo()
-    bf16, f32 = {torch.bfloat16}, {torch.float32}
-    assert out["refiners"]["refiners"] == bf16 and out["network"]["refiners"] == bf16
-    assert out["refiners"]["encoder"] == f32 and out["network"]["encoder"] == bf16
-    assert out["refiners"]["embedding features"] == f32 and out["network"]["embedding features"] == bf16
+    low, f32 = {dtype}, {torch.float32}
+    assert out["refiners"]["refiners"] == low and out["network"]["refiners"] == low
+    assert out["refiners"]["encoder"] == f32 and out["network"]["encoder"] == low
+    assert out["refiners"]["embedding features"] == f32 and out["network"]["embedding features"] == low
     for scope in out:
         assert out[scope]["gp"] == f32 and out[scope]["coarse flow"] == f32
     with pytest.raises(ValueError, match="precision_scope"):
