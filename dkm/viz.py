@@ -1,4 +1,5 @@
-"""Pictures of dense warps: the support image pulled back onto the query, weighted by certainty."""
+"""Pictures of dense warps (the support image pulled back onto the query, weighted by certainty) and
+of sparse matches (lines between two images side by side)."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,3 +39,30 @@ def warp_panel(query: torch.Tensor, support: torch.Tensor, warp: torch.Tensor, c
         tiles.append(warp_support(s, gw) * gv)
     row = torch.cat(tiles, dim=-1)
     return (row.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def draw_matches(im_A: np.ndarray, im_B: np.ndarray, kpts_A: np.ndarray, kpts_B: np.ndarray,
+                 certainty: np.ndarray | None = None, max_lines: int = 300, seed: int = 0) -> np.ndarray:
+    """``im_A`` (H_A, W_A, 3) and ``im_B`` (H_B, W_B, 3) uint8 side by side (top-aligned), with a line
+    for each of at most ``max_lines`` matches ``kpts_A[i] <-> kpts_B[i]`` ((N, 2) pixel coordinates,
+    pixel centres at i + 0.5: :func:`~dkm.geometry.coords.normalized_to_pixel`'s default), coloured
+    from red (low certainty) to green (high). Returns (max(H_A, H_B), W_A + W_B, 3) uint8."""
+    import cv2
+
+    kpts_A, kpts_B = np.asarray(kpts_A, dtype=np.float64), np.asarray(kpts_B, dtype=np.float64)
+    if kpts_A.shape != kpts_B.shape or kpts_A.ndim != 2 or kpts_A.shape[1] != 2:
+        raise ValueError(f"draw_matches: kpts_A and kpts_B must both be (N, 2), got {kpts_A.shape} and {kpts_B.shape}")
+    (ha, wa), (hb, wb) = im_A.shape[:2], im_B.shape[:2]
+    canvas = np.zeros((max(ha, hb), wa + wb, 3), dtype=np.uint8)
+    canvas[:ha, :wa], canvas[:hb, wa:] = im_A, im_B
+    n = len(kpts_A)
+    idx = np.random.default_rng(seed).choice(n, min(n, max_lines), replace=False) if n else np.zeros(0, int)
+    c = np.ones(n) if certainty is None else np.clip(np.asarray(certainty, dtype=np.float64).reshape(-1), 0, 1)
+    for i in idx:
+        a = tuple(int(round(v)) for v in kpts_A[i] - 0.5)  # to the integer pixel grid of cv2's drawing
+        b = tuple(int(round(v)) for v in kpts_B[i] - 0.5 + (wa, 0))
+        color = (int(255 * (1 - c[i])), int(255 * c[i]), 0)
+        cv2.line(canvas, a, b, color, 1, cv2.LINE_AA)
+        cv2.circle(canvas, a, 2, color, -1, cv2.LINE_AA)
+        cv2.circle(canvas, b, 2, color, -1, cv2.LINE_AA)
+    return canvas
