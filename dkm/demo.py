@@ -1,4 +1,4 @@
-"""Match one image pair and look at the result (what the original release's ``demo_match.py`` did).
+"""Match one image pair and look at the result (as the DKM repository's ``demo/demo_match.py`` does).
 
     python -m dkm.demo im_A.jpg im_B.jpg --weights dkm_base_v11.pth
     python -m dkm.demo im_A.jpg im_B.jpg --pretrained --arch dkmv3_outdoor --num 5000
