@@ -186,6 +186,13 @@ def test_indoor_recipe_alternates_sources_and_weights_the_bce(tmp_path):
     dm.setup("fit")
     sources = [b["source"][0] for b in dm.train_dataloader()]
     assert sources == ["megadepth", "scannet", "megadepth", "scannet"]
+    # Lightning's per-epoch set_epoch (also after a resume) reaches every source's sampler
+    from lightning_fabric.utilities.data import _set_sampler_epoch
+
+    loader = dm.train_dataloader()
+    _set_sampler_epoch(loader, 7)
+    assert [x.sampler.epoch for x in loader.loaders] == [7, 7]
+    assert {b["pair_id"][0]: None for b in loader}  # still iterates
     module = DKMLightningModule(TINY, {"ce_weight": 0.01, "ce_weight_by_source": {"scannet": 0.0}},
                                 {"lr_encoder": 1e-4, "lr_decoder": 1e-4}, log_images_every_n_steps=0)
     batch = next(iter(dm.train_dataloader()))
@@ -214,12 +221,34 @@ def test_hydra_configs_compose_with_the_recipe_values():
         indoor = compose("train", overrides=["experiment=indoor"])
     assert base.optim.lr_encoder == 5e-6 and base.optim.lr_decoder == 1e-4 and base.optim.weight_decay == 0.01
     assert base.loss.ce_weight == 0.01 and base.data.module.batch_size == 8 and base.optim.gamma == 0.2
-    assert int(base.optim.milestones[0] * base.trainer.max_steps) == 2 * base.trainer.max_steps // 3
+    # the recipe's length: 8M pairs, N = 32 * 250000 // (8 * gpus) steps; milestones at 2/3 and 9/10 of them
+    from dkm.lightning.train import training_steps
+
+    assert base.trainer.max_steps is None and base.total_pairs == 32 * 250_000
+    assert [training_steps(base.total_pairs, base.data.module.batch_size, g) for g in (1, 4, 8)] == \
+        [1_000_000, 250_000, 125_000]
+    assert int(base.optim.milestones[0] * 250_000) == 2 * 250_000 // 3
     assert base.logger.kind == "wandb" and base.seed == 0
     assert OmegaConf.to_container(quick, resolve=True)["data"]["module"]["h"] == quick.model.h
     assert quick.model.arch == "dkm_small" and quick.trainer.accelerator == "cpu" and quick.final_eval is not None
     assert [s.kind for s in indoor.data.module.sources] == ["megadepth", "scannet"]
     assert dict(indoor.loss.ce_weight_by_source) == {"scannet": 0.0}
+    # held-out MegaDepth scenes: by default DKM's test scenes, every benchmark's scenes and LoFTR's dropped
+    # ones; the DKMv3 recipes as their scripts (DKM's test scenes trained on)
+    from dkm.data.megadepth import HELD_OUT_SCENES, IMC21_SCENES, MEGADEPTH1500_SCENES, TEST_SCENES
+    from dkm.benchmarks.megadepth1500 import EIGHT_SCENES
+
+    def held_out(c):
+        resolved = OmegaConf.to_container(c, resolve=True)["data"]["module"]["sources"]
+        return {src["kind"]: set(src.get("exclude_scenes", [])) for src in resolved}["megadepth"]
+
+    assert held_out(base) == held_out(indoor) == set(HELD_OUT_SCENES) and len(HELD_OUT_SCENES) == 27
+    eight = {n.split("_")[3] for n in EIGHT_SCENES}
+    assert eight == set(IMC21_SCENES)  # the benchmark's scenes are never trained on
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        for exp in ("dkmv3_outdoor", "dkmv3_indoor"):
+            v3 = held_out(compose("train", overrides=[f"experiment={exp}"]))
+            assert v3 == set(HELD_OUT_SCENES) - set(TEST_SCENES) and set(MEGADEPTH1500_SCENES) <= v3
 
 
 def test_wandb_goes_offline_by_itself(tmp_path, monkeypatch, caplog):
@@ -233,3 +262,22 @@ def test_wandb_goes_offline_by_itself(tmp_path, monkeypatch, caplog):
     assert logger._offline
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "offline" in lines[0] and "\n" not in lines[0]
+
+
+def test_training_length_follows_the_recipe_for_any_number_of_devices(tmp_path):
+    """trainer.max_steps null: total_pairs / (batch size x world size) steps (the recipe's
+    N = 32 * 250000 // (8 * gpus)); an explicit trainer.max_steps wins."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from dkm.lightning.train import build_trainer
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        two = compose("train", overrides=["logger=none", "trainer.accelerator=cpu", "trainer.devices=2",
+                                          "trainer.strategy=ddp"])
+        fixed = compose("train", overrides=["logger=none", "trainer.accelerator=cpu", "trainer.max_steps=123"])
+    trainer, _ = build_trainer(two, tmp_path / "a")
+    assert trainer.world_size == 2 and trainer.max_steps == 8_000_000 // (8 * 2)
+    assert build_trainer(fixed, tmp_path / "b")[0].max_steps == 123

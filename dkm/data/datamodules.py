@@ -37,11 +37,26 @@ class KeyedDataset(torch.utils.data.Dataset):
         return item
 
 
+class _Samplers:
+    """The samplers of several loaders behind one ``set_epoch``."""
+
+    def __init__(self, samplers):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.samplers:
+            s.set_epoch(epoch)
+
+
 class AlternatingLoader:
-    """Alternates batches of several loaders (the indoor recipe: MegaDepth, ScanNet, ...)."""
+    """Alternates batches of several loaders (the indoor recipe: MegaDepth, ScanNet, ...).
+
+    ``sampler`` passes Lightning's per-epoch ``set_epoch`` on to every loader's sampler, so that a
+    resumed run draws the epoch it resumes in, not epoch 0 again."""
 
     def __init__(self, loaders: list[DataLoader]):
         self.loaders = loaders
+        self.sampler = _Samplers([x.sampler for x in loaders])
 
     def __len__(self):
         return min(len(x) for x in self.loaders) * len(self.loaders)

@@ -18,9 +18,17 @@ from .pairs import make_depth_pair, open_image
 
 log = logging.getLogger(__name__)
 
-#: Held out from training: DKM's own test scenes and LoFTR's MegaDepth-1500 scenes.
+#: DKM's own test scenes.
 TEST_SCENES = ("0017", "0004", "0048", "0013")
+#: LoFTR's MegaDepth-1500 benchmark scenes.
 MEGADEPTH1500_SCENES = ("0015", "0022")
+#: The MegaDepth-8-Scenes benchmark scenes (Image Matching Challenge 2021), which DKMv3 trained without.
+IMC21_SCENES = ("0008", "0019", "0021", "0024", "0025", "0032", "0063", "1589")
+#: Scenes that LoFTR's preprocessing dropped, which DKMv3 trained without too.
+LOFTR_IGNORED_SCENES = ("0121", "0133", "0168", "0178", "0229", "0349", "0412", "0430", "0443", "1001", "5014",
+                        "5015", "5016")
+#: Held out by default (``conf/data/megadepth.yaml``): all of the above.
+HELD_OUT_SCENES = TEST_SCENES + MEGADEPTH1500_SCENES + IMC21_SCENES + LOFTR_IGNORED_SCENES
 
 
 def read_depth_h5(path) -> torch.Tensor:
@@ -105,7 +113,7 @@ def check_files(parts, what: str, mode: str = "dirs", max_list: int = 10) -> Non
                                 f"referenced by the pair lists: " + ", ".join(missing[:max_list]) + more)
 
 
-def build_megadepth(data_root, *, overlap_bands=((0.01, 1.0), (0.35, 1.0)), exclude_scenes=TEST_SCENES + MEGADEPTH1500_SCENES,
+def build_megadepth(data_root, *, overlap_bands=((0.01, 1.0), (0.35, 1.0)), exclude_scenes=HELD_OUT_SCENES,
                     scenes=None, check: str = "dirs", **kw) -> ConcatDataset:
     """All training scenes (``exclude_scenes`` held out), once per overlap band — the recipe
     concatenates a ``> 0.01`` and a ``> 0.35`` copy, so high-overlap pairs are seen more often.

@@ -17,14 +17,44 @@ from .module import DKMLightningModule
 log = logging.getLogger(__name__)
 
 
+def world_size(trainer_kwargs: dict) -> int:
+    """The number of training processes Lightning will run for these ``Trainer`` arguments
+    (accelerator, devices, num_nodes, strategy; also under SLURM/torchrun), without starting them."""
+    keys = ("accelerator", "devices", "num_nodes", "strategy")
+    quiet = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric")]
+    levels = [q.level for q in quiet]
+    for q in quiet:  # the real Trainer prints the device summary
+        q.setLevel(logging.WARNING)
+    try:
+        probe = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False, **{k: trainer_kwargs[k] for k in keys if k in trainer_kwargs})
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    return probe.world_size
+
+
+def training_steps(total_pairs: int, batch_size: int, world: int) -> int:
+    """Steps that show ``total_pairs`` pairs at ``batch_size`` pairs per device on ``world`` devices
+    (the recipe: ``32 * 250000 // (8 * gpus)``)."""
+    return max(1, int(total_pairs) // (int(batch_size) * int(world)))
+
+
 def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[pl.Trainer, ModelCheckpoint]:
     ck = OmegaConf.to_container(cfg.checkpoint, resolve=True)
     checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, **ck)
     callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *extra_callbacks]
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_kwargs.get("max_steps") is None:
+        if cfg.get("total_pairs") is None:
+            raise ValueError("set trainer.max_steps or total_pairs (the LR milestones are fractions of the steps)")
+        world = world_size(trainer_kwargs)
+        trainer_kwargs["max_steps"] = training_steps(cfg.total_pairs, cfg.data.module.batch_size, world)
+        log.info("trainer.max_steps = %d: total_pairs %d / (%d pairs per device x %d devices)",
+                 trainer_kwargs["max_steps"], cfg.total_pairs, cfg.data.module.batch_size, world)
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger if logger is not None else False,
-                         callbacks=callbacks, plugins=[AtomicCheckpointIO()],
-                         **OmegaConf.to_container(cfg.trainer, resolve=True))
+                         callbacks=callbacks, plugins=[AtomicCheckpointIO()], **trainer_kwargs)
     return trainer, checkpoint
 
 

@@ -90,7 +90,7 @@ class Encoder(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and self.freeze_bn:  # the v11 release keeps the backbone's BatchNorm statistics fixed
+        if mode and self.freeze_bn:  # optional (DKMv3's ResNet50 wrapper has it; its training scripts turn it off)
             for m in self.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
