@@ -254,3 +254,39 @@ def test_upsample_preds_without_resolution_is_rejected(tmp_path):
         Megadepth1500Benchmark(root, scene_names=EIGHT_SCENES[:1], upsample_preds=True)
     with pytest.raises(ValueError, match=r"upsample_res must be \[h, w\]"):
         Megadepth1500Benchmark(root, scene_names=EIGHT_SCENES[:1], upsample_preds=True, upsample_res=[1152])
+
+
+def test_cycle_consistency_protocol_rejects_a_dkmv3_model_before_any_pair(hpatches_oracle):
+    """The v11 HPatches protocol asks match() for cycle consistency, which DKMv3 has not: an error up
+    front that names the DKMv3 protocol, not every pair scored as a failure."""
+    root, oracle = hpatches_oracle
+
+    class V3(OracleMatcher):
+        version = "v3"
+
+    v3 = V3(center=0.0)
+    v3.table = oracle.table
+    with pytest.raises(ValueError, match="_dkmv3"):
+        HpatchesHomogBenchmark(root, **protocol("hpatches")).evaluate_pairs(v3, progress=False)
+    records = HpatchesHomogBenchmark(root, **protocol("hpatches_dkmv3")).evaluate_pairs(v3, [0], progress=False)
+    assert not records[0]["failed"]
+
+
+def test_poselib_ransac_is_seeded_per_pair_and_run(tmp_path, monkeypatch):
+    import dkm.benchmarks.relative_pose as rp
+
+    seeds = []
+    real = rp.estimate_pose_poselib
+
+    def spy(*args, seed, **kw):
+        seeds.append(seed)
+        return real(*args, seed=seed, **kw)
+
+    monkeypatch.setattr(rp, "estimate_pose_poselib", spy)
+    oracle = OracleMatcher(center=0.0)
+    root = make_scannet(tmp_path, oracle=oracle)
+    proto = protocol("scannet") | {"estimator": "poselib", "ransac_repeats": 2}
+    first = ScanNetBenchmark(root, **proto).evaluate_pairs(oracle, progress=False)
+    assert len(seeds) == 2 * len(first) and len(set(seeds)) == len(seeds)  # every pair and run its own seed
+    again = ScanNetBenchmark(root, **proto).evaluate_pairs(oracle, [1], progress=False)
+    assert seeds[-2:] == seeds[2:4] and again[0]["e_pose"] == first[1]["e_pose"]  # the same pair, the same seeds

@@ -185,6 +185,11 @@ class PairBenchmark(ABC):
         bad = [i for i in indices if not 0 <= i < len(self._pairs)]
         if bad:
             raise IndexError(f"{self.name}: pair indices {bad[:10]} out of range [0, {len(self._pairs)})")
+        if self.cycle_consistency and getattr(model, "version", None) == "v3":
+            # (else every pair would fail in match() and be scored as a failure)
+            raise ValueError(f"{self.name}: this protocol matches with cycle consistency (the DKM v11 option), "
+                             "which DKMv3 models do not have (they match both directions); use the DKMv3 "
+                             "protocol (benchmark=<name>_dkmv3) or cycle_consistency=false")
         with self._at_resolution(model):
             return self._evaluate(model, indices, progress)
 
@@ -193,7 +198,7 @@ class PairBenchmark(ABC):
         for i in tqdm(indices, desc=self.name, disable=not progress, leave=False):
             pair = self._pairs[i]
             ctx = {"generator": torch.Generator().manual_seed(self.seed * 1_000_003 + i),
-                   "rng": np.random.default_rng([self.seed, i])}
+                   "rng": np.random.default_rng([self.seed, i]), "seed": (self.seed, i)}
             cv2.setRNGSeed(self.seed * 1_000_003 + i)
             t0 = time.perf_counter()
             try:

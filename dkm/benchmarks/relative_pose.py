@@ -86,8 +86,9 @@ class RelativePoseBenchmark(PairBenchmark):
                 if self.estimator == "opencv":
                     est = estimate_pose_opencv(k1, k2, K1, K2, norm_thresh, self.ransac_conf)
                 else:
+                    seed = int(np.random.SeedSequence([*ctx["seed"], r]).generate_state(1)[0])  # per pair and run
                     est = estimate_pose_poselib(k1, k2, K1, K2, self.threshold_px, self.ransac_conf,
-                                                seed=self.seed * 1_000_003 + r, image_sizes=(hw1, hw2))
+                                                seed=seed, image_sizes=(hw1, hw2))
                 if est is None:
                     raise RuntimeError(f"no pose from {len(k1)} matches")
                 et, eR = pose_errors(est[0], est[1], p["R"], p["t"])
