@@ -281,3 +281,17 @@ def test_training_length_follows_the_recipe_for_any_number_of_devices(tmp_path):
     trainer, _ = build_trainer(two, tmp_path / "a")
     assert trainer.world_size == 2 and trainer.max_steps == 8_000_000 // (8 * 2)
     assert build_trainer(fixed, tmp_path / "b")[0].max_steps == 123
+
+
+def test_scannet_keeps_every_tenth_frame_pair_whatever_its_score(tmp_path):
+    """As the recipe: pairs of frames that are multiples of 10, no filter on the overlap score unless
+    min_score asks for one."""
+    from dkm.data.scannet import ScanNetScene
+
+    root = make_scannet_scene(tmp_path)
+    index = dict(np.load(root / "scannet_indices" / "scene0000_00.npz"))
+    index["score"] = np.zeros_like(index["score"])
+    assert len(ScanNetScene(root, index, "s")) == 2 and len(ScanNetScene(root, index, "s", min_score=0.0)) == 0
+    index["name"] = np.concatenate([index["name"], [[0, 0, 5, 10]]])  # frame 5: not a multiple of 10
+    index["score"] = np.concatenate([index["score"], [0.9]])
+    assert len(ScanNetScene(root, index, "s")) == 2

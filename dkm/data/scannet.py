@@ -35,14 +35,17 @@ def read_matrix(path, shape) -> np.ndarray:
 
 class ScanNetScene(Dataset):
     """Pairs of one index file; as the recipe, only frames that are multiples of 10, at most
-    ``max_pairs`` of them (seeded subset)."""
+    ``max_pairs`` of them (seeded subset). ``min_score``: also keep only pairs whose overlap score
+    exceeds it (None, the recipe: no such filter)."""
 
     def __init__(self, data_root, index: dict, name: str, h: int = 384, w: int = 512, shake_t: int = 0,
-                 max_pairs: int = 10_000, seed: int = 0, min_score: float = 0.0,
+                 max_pairs: int = 10_000, seed: int = 0, min_score: float | None = None,
                  depth_interpolation: str = "bilinear"):
         self.scene_root = Path(data_root) / "scans" / "scans_train"
         names, scores = np.asarray(index["name"]), np.asarray(index["score"])
-        keep = ((names[:, -2:] % 10).sum(-1) == 0) & (scores > min_score)
+        keep = (names[:, -2:] % 10).sum(-1) == 0
+        if min_score is not None:
+            keep &= scores > min_score
         names, scores = names[keep], scores[keep]
         if len(names) > max_pairs:
             sel = np.random.default_rng(seed).choice(len(names), max_pairs, replace=False)
