@@ -3,8 +3,10 @@
     python evaluate.py benchmark=scannet ckpt=dkm_base_v11.pth data_root=/data/scannet
     python evaluate.py benchmark=hpatches model=sift limit=20
 
-Writes into the run directory: ``metrics.json`` (metrics, the resolved protocol, the checkpoint's
-sha256), ``pairs.csv`` (one row per pair) and ``.hydra/config.yaml`` (the exact config).
+Writes into the run directory (``outputs/evaluate/<benchmark config>/<time>/``): ``metrics.json``
+(metrics, the resolved protocol, the model config, the checkpoint's sha256), ``pairs.csv`` (one row per
+pair), ``records.json`` (the per-pair records, for ``merge=``), ``evaluate.log`` and
+``.hydra/config.yaml`` (the exact config).
 """
 from __future__ import annotations
 

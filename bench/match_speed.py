@@ -334,7 +334,7 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
         tr, mr = results[rel]["median"]["1"], results[rel]["peak_rss_mib"]
         others = [v for v in results if v not in RELEASE_VARIANTS and v.endswith("_cc") == RELEASE_VARIANTS[rel]]
         print(f"\nagainst the release's own code ({rel}: {tr:.3f} s/match, peak {mr:.0f} MiB): "
-              + ", ".join(f"{v} {tr / results[v]['median']['1']:.2f}x faster, {results[v]['peak_rss_mib'] / mr:.2f}x memory"
+              + ", ".join(f"{v} {tr / results[v]['median']['1']:.2f}x the speed, {results[v]['peak_rss_mib'] / mr:.2f}x memory"
                           for v in others))
     if not results:
         return

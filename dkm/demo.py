@@ -92,7 +92,10 @@ def main(argv=None) -> dict:
         p.error("give --weights <checkpoint> or --pretrained (an untrained DKM matches nothing)")
     cfg = {"arch": args.arch, "weights": args.weights, "pretrained": args.pretrained and not args.weights}
     cfg |= {k: v for k, v in (("h", args.h), ("w", args.w)) if v is not None}
-    model = build_model(cfg).to(resolve_device(args.device)).eval()
+    try:
+        model = build_model(cfg).to(resolve_device(args.device)).eval()
+    except (OSError, RuntimeError, ValueError) as e:  # offline download, unreadable or mismatched checkpoint
+        p.exit(2, f"{p.prog}: error: {e}\n")
     result = match_pair(model, args.im_A, args.im_B, num=args.num, seed=args.seed, center=args.center,
                         dtype=DTYPES[args.dtype], precision_scope=args.precision_scope)
     out = Path(args.out or Path("outputs") / "demo" / f"{Path(args.im_A).stem}-{Path(args.im_B).stem}")

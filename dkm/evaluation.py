@@ -31,15 +31,16 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def build_benchmark(cfg: Mapping, data_root=None, seed: int = 0, limit=None, check: bool = True):
-    """A benchmark object from a ``conf/benchmark/*.yaml`` mapping (``name`` selects the class)."""
+def build_benchmark(cfg: Mapping, data_root=None, seed: int = 0, limit=None, check: bool = True, index: bool = True):
+    """A benchmark object from a ``conf/benchmark/*.yaml`` mapping (``name`` selects the class);
+    ``index=False``: the protocol only, no dataset read (to reduce records evaluated elsewhere)."""
     cfg = dict(cfg)
     name = cfg.pop("name")
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")
     root = data_root if data_root is not None else cfg.pop("data_root")
     cfg.pop("data_root", None)
-    return BENCHMARKS[name](root, seed=seed, limit=limit, check=check, **cfg)
+    return BENCHMARKS[name](root, seed=seed, limit=limit, check=check, index=index, **cfg)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -107,21 +108,67 @@ def load_records(run_dirs) -> list[dict]:
     return dedup_records(records)
 
 
+def load_run_metadata(run_dirs) -> dict:
+    """What the merged runs (``metrics.json`` of each) agree on: the benchmark's pair count, model
+    config, checkpoint and its sha256. Runs of other checkpoints or protocols are refused."""
+    metas = []
+    for d in run_dirs:
+        f = Path(d) / "metrics.json"
+        if not f.exists():
+            raise FileNotFoundError(f"merge: {f} not found (written by every evaluate.py run)")
+        metas.append(json.loads(f.read_text()))
+    out = {}
+    for key in ("benchmark", "num_pairs_in_benchmark", "model", "checkpoint", "checkpoint_sha256", "dtype",
+                "precision_scope"):
+        values = {json.dumps(m.get(key), sort_keys=True) for m in metas}
+        if len(values) > 1:
+            raise ValueError(f"merge: the runs differ in {key!r} ({sorted(values)[:3]}); merge runs of one model "
+                             "and one benchmark only")
+        out[key] = metas[0].get(key)
+    return out
+
+
+def model_config_for(cfg_model: dict, ckpt) -> dict:
+    """``cfg_model`` with ``weights=ckpt``; for a Lightning ``.ckpt`` of ``train.py`` the architecture
+    and resolution it was trained with (stored in it) replace the command line's."""
+    from .models.zoo import checkpoint_model_config
+
+    model_cfg = dict(cfg_model)
+    stored = checkpoint_model_config(ckpt)
+    if stored:
+        keep = {"fast"}  # inference choices stay the command line's
+        changed = {k: v for k, v in stored.items() if k not in keep | {"weights", "pretrained", "backbone_weights"}
+                   and model_cfg.get(k) != v}
+        if changed:
+            log.info("%s carries the model config it was trained with; using it: %s", ckpt, changed)
+        model_cfg.update({k: v for k, v in stored.items() if k not in keep})
+    return model_cfg | {"weights": str(ckpt), "pretrained": False, "backbone_weights": None}
+
+
 def evaluate_benchmark(cfg, out_dir) -> dict:
     """Run ``cfg.benchmark`` on ``cfg.model`` (+ ``cfg.ckpt``), write outputs into ``out_dir``:
     ``metrics.json`` (metrics, resolved protocol, checkpoint sha256), ``pairs.csv`` (one row per
     pair), ``records.json`` (the same records, loss-free, for ``merge=``) and print a summary table.
-    With ``merge=[run dirs]`` no model runs: the records of those runs (e.g. shards) are merged."""
+    With ``merge=[run dirs]`` no model runs and no dataset is read: the records of those runs (e.g.
+    shards) are merged and reduced by the protocol (their model and checkpoint are recorded)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=cfg.limit)  # fails early
-    indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
+    merging = bool(cfg.get("merge"))
+    bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=cfg.limit,
+                            index=not merging)  # a missing or incomplete dataset fails here, early
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    ckpt_hash, device, resolution, upsample_res = None, None, None, None
-    if cfg.get("merge"):
+    ckpt, ckpt_hash, device, resolution, upsample_res = cfg.ckpt, None, None, None, None
+    if merging:
+        meta = load_run_metadata(cfg.merge)
+        if meta["benchmark"] not in (None, bench.name):
+            raise ValueError(f"merge: the runs are of benchmark {meta['benchmark']!r}, not {bench.name!r}")
+        num_listed = int(meta["num_pairs_in_benchmark"])
+        model_cfg, ckpt, ckpt_hash = meta["model"], meta["checkpoint"], meta["checkpoint_sha256"]
+        indices = select_indices(num_listed if cfg.limit is None else min(num_listed, int(cfg.limit)),
+                                 cfg.get("subset"), cfg.get("shard"))
         wanted = set(indices)
         records = [r for r in load_records(cfg.merge) if r["pair_index"] in wanted]
         missing = sorted(set(indices) - {r["pair_index"] for r in records})
@@ -129,16 +176,18 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             log.warning("merge: %d of %d pairs have no record (first: %s)", len(missing), len(indices), missing[:10])
         metrics = bench.compute_metrics(records)
     else:
+        num_listed = bench.num_listed
+        indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
         if cfg.dtype not in DTYPES:
             raise ValueError(f"dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
         if cfg.get("precision_scope", "refiners") not in PRECISION_SCOPES:
             raise ValueError(f"precision_scope={cfg.precision_scope!r}: expected one of {list(PRECISION_SCOPES)}")
-        if cfg.ckpt is not None:
+        if ckpt is not None:
             if model_cfg.get("arch") == "sift":
                 raise ValueError("ckpt= was given but model=sift has no weights; choose a DKM model (model=dkm_base)")
-            if not Path(cfg.ckpt).is_file():
-                raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
-            model_cfg["weights"] = str(cfg.ckpt)
+            if not Path(ckpt).is_file():
+                raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
+            model_cfg = model_config_for(model_cfg, ckpt)
         if model_cfg.get("weights"):
             ckpt_hash = sha256_file(model_cfg["weights"])
         elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
@@ -151,16 +200,17 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             model.inference_precision_scope = cfg.get("precision_scope", "refiners")
         resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
         log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
-                 model_cfg.get("arch"), bench.name, len(indices), len(bench), device, resolution, upsample_res)
+                 model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
         records = bench.evaluate_pairs(model, indices, progress=cfg.progress)
         metrics = bench.compute_metrics(records)
     result = {
         "benchmark": bench.name,
         "metrics": metrics,
-        "protocol": OmegaConf.to_container(cfg.benchmark, resolve=True) | {"effective_resolution": resolution,
-                                                                            "effective_upsample_res": upsample_res},
+        "protocol": OmegaConf.to_container(cfg.benchmark, resolve=True) | {
+            "data_root": str(bench.data_root), "effective_resolution": resolution,
+            "effective_upsample_res": upsample_res},
         "model": model_cfg,
-        "checkpoint": None if cfg.ckpt is None else str(cfg.ckpt),
+        "checkpoint": None if ckpt is None else str(ckpt),
         "checkpoint_sha256": ckpt_hash,
         "seed": cfg.seed,
         "device": None if device is None else str(device),
@@ -170,7 +220,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         "subset": OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset"),
         "shard": cfg.get("shard"),
         "merged_from": [str(d) for d in cfg.merge] if cfg.get("merge") else None,
-        "num_pairs_in_benchmark": len(bench),
+        "num_pairs_in_benchmark": num_listed,
     }
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "records.json").write_text(json.dumps(records, default=_json_default))

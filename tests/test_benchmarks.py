@@ -290,3 +290,17 @@ def test_poselib_ransac_is_seeded_per_pair_and_run(tmp_path, monkeypatch):
     assert len(seeds) == 2 * len(first) and len(set(seeds)) == len(seeds)  # every pair and run its own seed
     again = ScanNetBenchmark(root, **proto).evaluate_pairs(oracle, [1], progress=False)
     assert seeds[-2:] == seeds[2:4] and again[0]["e_pose"] == first[1]["e_pose"]  # the same pair, the same seeds
+
+
+def test_check_reads_homographies_and_selections_must_select(tmp_path):
+    from dkm.benchmarks.check import check_tree
+
+    root = make_hpatches(tmp_path, seqs=("v_a",), seed=3)
+    assert check_tree("hpatches", root) == (5, [])
+    (root / "hpatches-sequences-release" / "v_a" / "H_1_5").unlink()
+    n, problems = check_tree("hpatches", root)
+    assert n == 5 and len(problems) == 1 and "H_1_5" in problems[0]
+    with pytest.raises(ValueError, match="no pairs"):
+        HpatchesHomogBenchmark(root, sequences="i")  # only v_ sequences here
+    with pytest.raises(ValueError, match="'all', 'v'"):
+        HpatchesHomogBenchmark(root, sequences="x")

@@ -49,9 +49,19 @@ def test_shards_merge_to_the_full_run(tiny_hpatches, tmp_path):
     assert merged == full  # every pair seeded by its index: same records whatever the split
     result = json.loads((tmp_path / "merged" / "metrics.json").read_text())
     assert result["metrics"]["num_pairs"] == 5 and len(result["merged_from"]) == 3
+    assert result["model"]["arch"] == "sift" and result["num_pairs_in_benchmark"] == 5  # from the shards
+    # merging reads no dataset: the shards' records and metrics.json are enough
+    elsewhere = evaluate_benchmark(cfg_for(*common[:-2], f"data_root={tmp_path / 'gone'}", "progress=false",
+                                           f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"), tmp_path / "merged2")
+    assert elsewhere == full
+    with pytest.raises(ValueError, match="differ in 'model'"):
+        other = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+        (tmp_path / "s1" / "metrics.json").write_text(json.dumps(other | {"model": {"arch": "dkm_base"}}))
+        evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"), tmp_path / "merged3")
     for name in ("full", "s0"):
         res = json.loads((tmp_path / name / "metrics.json").read_text())
         assert res["protocol"]["num_samples"] == 20000 and res["protocol"]["effective_resolution"] is None
+        assert res["protocol"]["data_root"] == str(tiny_hpatches)  # the root used, not the config default
         assert res["model"]["arch"] == "sift" and res["checkpoint_sha256"] is None
 
 
@@ -122,3 +132,24 @@ def test_dkmv3_outdoor_on_megadepth_8_scenes_runs_the_upsampling_pass(tmp_path):
     assert res["protocol"]["effective_upsample_res"] == [64, 96]
     row = next(csv.DictReader(open(tmp_path / "run" / "pairs.csv")))
     assert row["failed"] == "False" and int(row["num_matches"]) == 300, row
+
+
+def test_lightning_checkpoint_brings_its_model_config(tiny_hpatches, tmp_path):
+    """A train.py .ckpt stores the model config it was trained with: evaluate.py builds that
+    architecture at that resolution, whatever model= says (here the default dkm_base)."""
+    import torch
+
+    from dkm.models.zoo import build_model
+
+    trained = {"arch": "dkm_small", "h": 64, "w": 96, "weights": None, "pretrained": False,
+               "backbone_weights": None, "fast": True}
+    model = build_model(trained)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model": trained, "loss": {}, "optim": {}}}, ckpt)
+    cfg = cfg_for("benchmark=hpatches", f"ckpt={ckpt}", f"data_root={tiny_hpatches}", "subset=[0]",
+                  "benchmark.num_samples=200", "device=cpu", "progress=false")
+    evaluate_benchmark(cfg, tmp_path / "run")
+    res = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert res["model"]["arch"] == "dkm_small" and (res["model"]["h"], res["model"]["w"]) == (64, 96)
+    assert res["protocol"]["effective_resolution"] == [64, 96] and res["model"]["weights"] == str(ckpt)

@@ -3,13 +3,16 @@
 #   1. OANet's "raw_data" archive (nine parts raw_data.tar.000 .. .008 on research.altizure.com, the
 #      host OANet's README points to) holds yfcc100m/<scene>/test/ and pairs/<scene>-te-1000-pairs.pkl;
 #   2. SuperGlue's assets/yfcc_test_pairs_with_gt.txt (one line per pair, rotation flags in columns 3-4).
-# If you already have OANet's raw_data, pass it as the second argument and nothing is downloaded for it:
+# If you already have OANet's raw_data, pass it as the second argument: nothing is downloaded for it and
+# <root> gets symbolic links to its yfcc100m/ and pairs/ (your copy is left as it is):
 #   bash datasets/yfcc100m/prepare.sh data/yfcc100m_test /path/to/raw_data
 set -euo pipefail
 root="${1:-data/yfcc100m_test}"
 raw="${2:-}"
 mkdir -p "$root"
+downloaded=0
 if [ -z "$raw" ] && [ ! -d "$root/yfcc100m" ]; then
+  downloaded=1
   tmp="$root/.download"
   mkdir -p "$tmp"
   for i in 000 001 002 003 004 005 006 007 008; do
@@ -20,7 +23,12 @@ if [ -z "$raw" ] && [ ! -d "$root/yfcc100m" ]; then
 fi
 if [ -n "$raw" ]; then
   for d in yfcc100m pairs; do
-    [ -e "$root/$d" ] || mv "$raw/$d" "$root/$d" 2>/dev/null || ln -s "$(cd "$raw/$d" && pwd)" "$root/$d"
+    [ -e "$root/$d" ] && continue
+    if [ "$downloaded" = 1 ]; then
+      mv "$raw/$d" "$root/$d"  # our own download: moved out of the temporary folder
+    else
+      ln -s "$(cd "$raw/$d" && pwd)" "$root/$d"  # the user's copy: linked, never moved
+    fi
   done
 fi
 rm -rf "$root/.download"

@@ -53,7 +53,7 @@ class PairBenchmark(ABC):
 
     def __init__(self, data_root, *, seed: int = 0, num_samples: int = 10000, cycle_consistency: bool = False,
                  center: float = 0.5, limit: int | None = None, check: bool = True, resolution=None,
-                 upsample_preds: bool | None = None, upsample_res=None):
+                 upsample_preds: bool | None = None, upsample_res=None, index: bool = True):
         self.data_root = Path(data_root)
         self.resolution = self._size_or_none(resolution, "resolution")
         self.upsample_res = self._size_or_none(upsample_res, "upsample_res")
@@ -64,12 +64,19 @@ class PairBenchmark(ABC):
         self.num_samples = int(num_samples)
         self.cycle_consistency = bool(cycle_consistency)
         self.center = float(center)
+        self._pairs, self.num_listed = [], 0
+        self.last_records: list[dict] = []
+        if not index:  # the protocol only (compute_metrics on records evaluated elsewhere): no dataset read
+            return
         if check:
             self.check()
         self._pairs = self.list_pairs()
+        self.num_listed = len(self._pairs)
+        if not self._pairs:
+            raise ValueError(f"{self.name}: no pairs under {self.data_root} with this protocol's selection "
+                             "(sequences, scene names, ...)")
         if limit is not None:
             self._pairs = self._pairs[: int(limit)]
-        self.last_records: list[dict] = []
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod
@@ -98,6 +105,13 @@ class PairBenchmark(ABC):
     def pair_images(self, pair):
         """The two PIL images of a pair (for logging)."""
         raise NotImplementedError
+
+    def check_pair(self, pair) -> None:
+        """Read what evaluating ``pair`` reads from disk (at least its images); raise if anything is
+        missing or unreadable (``python -m dkm.benchmarks.check``)."""
+        for im in self.pair_images(pair):
+            im.load()
+            im.close()
 
     # ------------------------------------------------------------------ shared machinery
     def check(self) -> None:
@@ -189,7 +203,7 @@ class PairBenchmark(ABC):
             # (else every pair would fail in match() and be scored as a failure)
             raise ValueError(f"{self.name}: this protocol matches with cycle consistency (the DKM v11 option), "
                              "which DKMv3 models do not have (they match both directions); use the DKMv3 "
-                             "protocol (benchmark=<name>_dkmv3) or cycle_consistency=false")
+                             "protocol (benchmark=<name>_dkmv3) or benchmark.cycle_consistency=false")
         with self._at_resolution(model):
             return self._evaluate(model, indices, progress)
 

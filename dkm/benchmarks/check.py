@@ -4,9 +4,11 @@
     python -m dkm.benchmarks.check scannet data/scannet
     python -m dkm.benchmarks.check yfcc data/yfcc100m_test
     python -m dkm.benchmarks.check megadepth1500 data/megadepth
+    python -m dkm.benchmarks.check megadepth_8_scenes data/megadepth
 
-Lists the missing index files first (the benchmark refuses to start without them), then opens every
-image of every pair and lists those missing or unreadable. Exit status 0 when complete, 1 otherwise.
+Lists the missing index files first (the benchmark refuses to start without them), then reads every
+pair's images (and per-pair ground truth such as HPatches' homographies) and lists what is missing or
+unreadable. Exit status 0 when complete, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -29,9 +31,7 @@ def check_tree(name: str, root, open_images: bool = True) -> tuple[int, list[str
     problems = []
     for pair in bench.pairs() if open_images else ():
         try:
-            for im in bench.pair_images(pair):
-                im.load()
-                im.close()
+            bench.check_pair(pair)
         except (FileNotFoundError, OSError, KeyError, ValueError) as e:
             problems.append(f"{bench.pair_id(pair)}: {getattr(e, 'filename', None) or e}")
     return len(bench), problems

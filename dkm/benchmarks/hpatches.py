@@ -32,6 +32,8 @@ class HpatchesHomogBenchmark(PairBenchmark):
         self.ransac_thr, self.ransac_conf = ransac_thr, ransac_conf
         self.normalize_to = normalize_to
         self.auc_thresholds, self.report_at = list(auc_thresholds), list(report_at)
+        if sequences not in ("all", "v", "i"):
+            raise ValueError(f"hpatches: sequences must be 'all', 'v' (viewpoint) or 'i' (illumination), got {sequences!r}")
         self.sequences, self.exclude_sequences = sequences, set(exclude_sequences)
         super().__init__(data_root, num_samples=num_samples, cycle_consistency=cycle_consistency,
                          center=center, **kw)
@@ -59,6 +61,12 @@ class HpatchesHomogBenchmark(PairBenchmark):
 
     def _gt(self, pair):
         return np.loadtxt(self.seqs_path / pair[0] / f"H_1_{pair[1]}")
+
+    def check_pair(self, pair) -> None:
+        super().check_pair(pair)
+        H = self._gt(pair)
+        if H.shape != (3, 3):
+            raise ValueError(f"{self.seqs_path / pair[0] / f'H_1_{pair[1]}'}: expected a 3x3 homography, got {H.shape}")
 
     def evaluate_pair(self, model, pair, ctx):
         im1, im2 = self.pair_images(pair)

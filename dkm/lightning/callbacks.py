@@ -47,11 +47,8 @@ class BenchmarkCallback(pl.Callback):
         object_group(self.timeout_s)  # collective: create the gathering group on every rank up front
 
     def on_train_start(self, trainer, pl_module):
-        if self.at_start:  # Lightning allows no step-level self.log() here: straight to the logger
-            metrics = self.run(trainer, pl_module, log_to_module=False)
-            if trainer.global_rank == 0 and trainer.logger is not None:
-                trainer.logger.log_metrics({f"{self.name}/{k}": float(v) for k, v in metrics.items()},
-                                           step=trainer.global_step)
+        if self.at_start:  # Lightning allows no step-level self.log() here
+            self.run(trainer, pl_module, log_to_module=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -71,10 +68,14 @@ class BenchmarkCallback(pl.Callback):
         records = gather_records(records, group=object_group(self.timeout_s) if world > 1 else None)
         metrics = self.benchmark.compute_metrics(records)
         self.last_metrics, self.last_records = metrics, records
-        for k, v in metrics.items() if log_to_module else ():
+        for k, v in metrics.items() if log_to_module else ():  # for callbacks (ModelCheckpoint's monitor)
             pl_module.log(f"{self.name}/{k}", float(v), on_step=True, on_epoch=False, sync_dist=False,
-                          batch_size=1)
+                          batch_size=1, logger=False)
         if rank == 0:
+            if trainer.logger is not None:  # straight to the logger, at this step (self.log
+                # would reach it only on trainer.log_every_n_steps boundaries, and repeat it there later)
+                trainer.logger.log_metrics({f"{self.name}/{k}": float(v) for k, v in metrics.items()},
+                                           step=trainer.global_step)
             self._write(trainer, metrics, records)
             log.info("%s at step %d: %s", self.name, trainer.global_step,
                      ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))

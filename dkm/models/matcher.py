@@ -346,8 +346,9 @@ class RegressionMatcher(nn.Module):
             warned = self.__dict__.setdefault("_warned_dtypes", set())
             if (self.device.type, dtype) not in warned:
                 warned.add((self.device.type, dtype))
-                log.warning("match(dtype=%s): this %s has no native %s convolutions (CPU: needs AVX512-BF16 or "
-                            "AMX); they are emulated and slower than float32", dtype, self.device.type, dtype)
+                need = "AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "a GPU"
+                log.warning("match(dtype=%s): this %s has no native %s convolutions (%s needs %s); they are "
+                            "emulated and slower than float32", dtype, self.device.type, dtype, dtype, need)
         was_training = self.training
         if self.version == "v3":
             if check_cycle_consistency or do_pred_in_og_res:

@@ -40,7 +40,8 @@ def make_backbone(name: str, weights=None) -> nn.Module:
         except Exception as e:  # offline: urllib errors, hub errors
             raise RuntimeError(
                 f"could not get torchvision's ImageNet weights for {name} ({e}). Offline, download them "
-                f"elsewhere and pass the file as backbone_weights=<path>, or use backbone_weights=None."
+                f"elsewhere and pass the file as backbone_weights=<path> (Hydra: model.backbone_weights=<path>), or "
+                f"use backbone_weights=None (model.backbone_weights=null: random init)."
             ) from e
     net = _BACKBONES[name](weights=None)
     net.load_state_dict(_read_state_dict(weights))
@@ -157,6 +158,18 @@ def _read_state_dict(path) -> dict:
         except Exception as e:
             raise ValueError(f"{path} could not be read as a torch checkpoint ({e})") from e
     return _unwrap(obj, str(path))
+
+
+def checkpoint_model_config(path) -> dict | None:
+    """The model config (``conf/model`` keys) stored in a Lightning ``.ckpt`` of ``train.py``
+    (``hyper_parameters["model"]``), or ``None`` for other checkpoints (upstream ``.pth`` files)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy or foreign files: no stored config (loading the weights reports errors)
+        return None
+    hp = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
+    model = hp.get("model") if isinstance(hp, Mapping) else None
+    return dict(model) if isinstance(model, Mapping) and "arch" in model else None
 
 
 def _unwrap(obj, name: str) -> dict:
