@@ -133,16 +133,12 @@ def model_config_for(cfg_model: dict, ckpt) -> dict:
     and resolution it was trained with (stored in it) replace the command line's."""
     from .models.zoo import checkpoint_model_config
 
-    model_cfg = dict(cfg_model)
-    stored = checkpoint_model_config(ckpt)
-    if stored:
-        keep = {"fast"}  # inference choices stay the command line's
-        changed = {k: v for k, v in stored.items() if k not in keep | {"weights", "pretrained", "backbone_weights"}
-                   and model_cfg.get(k) != v}
-        if changed:
-            log.info("%s carries the model config it was trained with; using it: %s", ckpt, changed)
-        model_cfg.update({k: v for k, v in stored.items() if k not in keep})
-    return model_cfg | {"weights": str(ckpt), "pretrained": False, "backbone_weights": None}
+    skip = {"fast", "weights", "pretrained", "backbone_weights"}  # inference choices and weight sources
+    stored = {k: v for k, v in (checkpoint_model_config(ckpt) or {}).items() if k not in skip}
+    changed = {k: v for k, v in stored.items() if cfg_model.get(k) != v}
+    if changed:
+        log.info("%s carries the model config it was trained with; using it: %s", ckpt, changed)
+    return dict(cfg_model) | stored | {"weights": str(ckpt), "pretrained": False, "backbone_weights": None}
 
 
 def evaluate_benchmark(cfg, out_dir) -> dict:
@@ -207,7 +203,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         "benchmark": bench.name,
         "metrics": metrics,
         "protocol": OmegaConf.to_container(cfg.benchmark, resolve=True) | {
-            "data_root": str(bench.data_root), "effective_resolution": resolution,
+            "data_root": None if merging else str(bench.data_root), "effective_resolution": resolution,
             "effective_upsample_res": upsample_res},
         "model": model_cfg,
         "checkpoint": None if ckpt is None else str(ckpt),
