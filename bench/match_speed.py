@@ -10,6 +10,7 @@ faithful output.
     python bench/match_speed.py --repeats 5 --batches 1 2 4
     python bench/match_speed.py --repeats 3 --rounds 3   # 3 interleaved processes per variant (noisy machines)
     python bench/match_speed.py --device cuda      # float16 instead of bfloat16 for the reduced variant
+    python bench/match_speed.py --lowp-dtype float16   # float16 on a CPU (native with AVX512-FP16)
     python bench/match_speed.py --arch dkm_base dkmv3_indoor   # v11 at 384x512 next to DKMv3 indoor at 480x640
     python bench/match_speed.py --release-code ~/src/DKM    # also the v11 release's own code (a checkout of 988ccbc)
 
@@ -18,10 +19,12 @@ directions in one match() (symmetric), so its cycle-consistency variants (a v11 
 its deviation is measured on all four columns of its (H, 2W, 4) output.
 
 Variants: ``faithful`` (``fast=False``, the release's operations), ``fast`` (the default path),
-``fast_lowp`` (``match(dtype=bfloat16)``, float16 on CUDA: the refiners in reduced precision) and
+``fast_lowp`` (``match(dtype=bfloat16)``, float16 on CUDA or with ``--lowp-dtype float16``: the
+refiners in reduced precision) and
 ``fast_lowp_net`` (``precision_scope="network"``: also the encoder, projections and embedding
 decoder); each ``*_cc`` with ``check_cycle_consistency=True``. The reduced-precision variants run by
-default only where bfloat16 (CPU: AVX512-BF16 or AMX) or float16 (CUDA) is native; elsewhere it is
+default only where their dtype is native (bfloat16 on CPU: AVX512-BF16 or AMX; float16: CUDA, or a
+CPU with AVX512-FP16); elsewhere it is
 emulated and slower than float32 (select them with --variants to measure that anyway). The header
 names the CPU and its capabilities.
 
@@ -127,7 +130,7 @@ def dkm_runner(args):
     fast, cycle, scope = VARIANTS[args.variant]
     dtype = None
     if scope:
-        dtype = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
+        dtype = getattr(torch, lowp_dtype_name(args))
     model = dkm.build_model({"arch": args.arch, "weights": args.weights, "fast": fast, "h": args.h, "w": args.w})
     model = model.to(args.device)
     make_resident(model)
@@ -224,6 +227,12 @@ def worker(args) -> None:
     }))
 
 
+def lowp_dtype_name(args) -> str:
+    """The reduced-precision dtype of the ``fast_lowp*`` variants: ``--lowp-dtype``, by default float16
+    on CUDA and bfloat16 on CPU."""
+    return args.lowp_dtype or ("float16" if args.device.startswith("cuda") else "bfloat16")
+
+
 def arch_info(arch: str):
     """(default h, default w, is DKMv3) of an architecture of the zoo."""
     from dkm.models.zoo import ARCHITECTURES, build_dkm
@@ -273,6 +282,7 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
                 cmd = [sys.executable, __file__, "--variant", v, "--weights", str(weights), "--out", str(out),
                        "--arch", arch, "--h", str(h), "--w", str(w), "--device", args.device,
                        "--threads", str(args.threads), "--repeats", str(args.repeats),
+                       "--lowp-dtype", lowp_dtype_name(args),
                        "--batches", *map(str, args.batches)]
                 if v in RELEASE_VARIANTS:
                     cmd += ["--release-code", args.release_code]
@@ -299,7 +309,8 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
 
     where = f"{args.device} ({cpu_description()})" if args.device == "cpu" else args.device
     print(f"\nmatch() on {arch} at {h}x{w}, {where}, {args.threads} threads, malloc {args.malloc}, "
-          f"median of {args.repeats} repeats x {args.rounds} round(s) (pair: astronaut + homography, synthetic weights)")
+          f"median of {args.repeats} repeats x {args.rounds} round(s) (pair: astronaut + homography, synthetic weights; "
+          f"fast_lowp*: {lowp_dtype_name(args)})")
     print(f"{'variant':<16} {'s/match':>8} {'faults/match':>12} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
           f"{'match MiB':>9} {'vs faithful':>11} {'max dflow px':>12} {'p99 dflow px':>12} {'max dcert':>9}")
     for v, r in results.items():
@@ -344,6 +355,10 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
           f"match; importing torch+dkm alone: {imp:.0f} MiB, with the weights loaded and resident: {loaded:.0f} MiB. "
           f"match MiB: that peak minus the resident set just before the first match, i.e. what the match "
           f"itself adds: activations, allocator slack, oneDNN's code and caches)")
+    for base in ("faithful", "faithful_cc"):
+        if base in results:  # what no path can go below: import and weights are the same for all of them
+            print(f"lowest process peak any variant could reach against {base}: {loaded:.0f} MiB (imported, weights "
+                  f"resident, nothing matched) = {loaded / results[base]['peak_rss_mib']:.2f}x its peak")
 
 
 def main() -> None:
@@ -358,6 +373,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="worker processes per variant, run interleaved; medians over rounds are reported")
     p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--lowp-dtype", choices=["bfloat16", "float16"], default=None,
+                   help="dtype of the fast_lowp* variants (default: float16 on CUDA, bfloat16 on CPU; float16 on a "
+                        "CPU is native with AVX512-FP16)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="default: all, without the reduced-precision ones where that precision is emulated")
     p.add_argument("--malloc", choices=list(MALLOC_ENV), default="default",
@@ -386,7 +404,7 @@ def main() -> None:
 
         from dkm.utils.device import reduced_precision_is_native
 
-        lowp = torch.float16 if args.device.startswith("cuda") else torch.bfloat16
+        lowp = getattr(torch, lowp_dtype_name(args))
         args.variants = list(VARIANTS)
         if not reduced_precision_is_native(args.device, lowp):
             args.variants = [v for v in VARIANTS if not VARIANTS[v][2]]

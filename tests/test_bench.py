@@ -29,6 +29,8 @@ def test_match_speed_bench_runs_and_reports_every_column():
     assert float(faithful[8]) == 0.0 and float(faithful[10]) == 0.0
     assert float(fast[8]) < 0.5 and float(fast[10]) < 1e-2, out
     assert "B=2" in out and "importing torch+dkm alone" in out and "what the match itself adds" in out
+    floor = re.search(r"against faithful: (\d+) MiB .* = ([\d.]+)x its peak", out)
+    assert floor and 0 < float(floor.group(2)) <= 1.0, out  # import + weights never exceed a process's peak
 
 
 FAKE_RELEASE = '''

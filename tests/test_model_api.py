@@ -226,15 +226,17 @@ def test_reduced_precision_warns_once_where_it_is_emulated(small, rgb, monkeypat
             assert warp.dtype == torch.float32 and torch.isfinite(warp).all()
     warnings = [r for r in caplog.records if "emulated" in r.getMessage()]
     assert len(warnings) == (0 if native else 1)
+    assert all("AVX512-BF16 or AMX" in r.getMessage() for r in warnings)  # what the CPU would need
 
 
 def test_device_capabilities_are_described():
-    from dkm.utils.device import cpu_description, cpu_has_native_bf16, reduced_precision_is_native
+    from dkm.utils.device import cpu_description, cpu_has_native_bf16, cpu_has_native_fp16, reduced_precision_is_native
 
-    assert not reduced_precision_is_native("cpu", torch.float16)  # oneDNN has no float16 path on CPU here
+    assert reduced_precision_is_native("cpu", torch.float16) == cpu_has_native_fp16()
     assert reduced_precision_is_native("cpu", torch.bfloat16) == cpu_has_native_bf16()
+    assert cpu_has_native_fp16() == torch.ops.mkldnn._is_mkldnn_fp16_supported()
     desc = cpu_description()
-    assert torch.backends.cpu.get_cpu_capability() in desc and "bfloat16" in desc
+    assert torch.backends.cpu.get_cpu_capability() in desc and "bfloat16 " in desc and "float16 " in desc
 
 
 def test_keep_freed_memory_applies_on_glibc_and_checks_its_arguments():

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.device import cpu_has_native_fp16
+
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight ``(C_out, C_in/groups, k, k)`` (channels-last strides) and bias ``(C_out,)`` of the
@@ -35,7 +37,8 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, t
 def _onednn_fusable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether oneDNN's fused convolution (``torch.ops.mkldnn._convolution_pointwise``, the op
     TorchInductor lowers conv+activation to on CPU) can run this convolution."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu"
+            and (x.dtype in (torch.float32, torch.bfloat16) or (x.dtype == torch.float16 and cpu_has_native_fp16()))
             and not torch.is_grad_enabled() and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import DEFAULT_CENTER, normalized_grid, normalized_to_pixel
-from ..utils.device import autocast_to, reduced_precision_is_native
+from ..utils.device import CPU_NATIVE_NEEDS, autocast_to, reduced_precision_is_native
 from ..utils.image import check_image_tensor, load_image, normalize, pil_to_tensor, resize_tensor
 from .sampling import SAMPLE_MODES, sample_matches
 
@@ -306,14 +306,17 @@ class RegressionMatcher(nn.Module):
             batched: accepted for compatibility with the original API; inferred from the input.
             fast: override the model's default inference path (see the class docstring).
             dtype: reduced-precision compute dtype, via autocast: ``torch.float32`` (default),
-                ``torch.bfloat16`` (CPU/CUDA) or ``torch.float16`` (CUDA). Fast path only.
+                ``torch.bfloat16`` or ``torch.float16`` (CUDA; CPUs with AVX512-FP16). Fast path only.
             precision_scope: what ``dtype`` applies to (default: the model's
                 ``inference_precision_scope``, ``"refiners"``). ``"refiners"``: the refiners'
                 convolutions (most of the FLOPs; 0.01 px from float32 at the 99th percentile on the
-                parity fixture). ``"network"``: also the encoder, the stride-16/32 projections and the
-                embedding decoder (faster, but their rounding reaches the GP, whose kernel amplifies
-                it: 2.8 px at the 99th percentile with the fixture's synthetic weights; measure on your
-                data). Either way the GP (kernel and solve), the flow outputs and all coordinate
+                parity fixture in either dtype). ``"network"``: also the encoder, the stride-16/32
+                projections and the embedding decoder (faster), whose rounding reaches the GP: its
+                kernel amplifies it, so the mantissa matters. With the fixture's synthetic weights the
+                flow moves by 0.39 px at the 99th percentile in float16 (10-bit mantissa) and by 2.8 px
+                in bfloat16 (7 bits), where rounding the GP's input features to bfloat16 alone
+                already costs 0.58 px: use float16 with this scope where it is native, and measure on
+                your data. Either way the GP (kernel and solve), the flow outputs and all coordinate
                 arithmetic stay in float32.
 
         Returns:
@@ -346,7 +349,7 @@ class RegressionMatcher(nn.Module):
             warned = self.__dict__.setdefault("_warned_dtypes", set())
             if (self.device.type, dtype) not in warned:
                 warned.add((self.device.type, dtype))
-                need = "AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "a GPU"
+                need = CPU_NATIVE_NEEDS.get(dtype, "?") if self.device.type == "cpu" else "a GPU"
                 log.warning("match(dtype=%s): this %s has no native %s convolutions (%s needs %s); they are "
                             "emulated and slower than float32", dtype, self.device.type, dtype, dtype, need)
         was_training = self.training

@@ -18,13 +18,28 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_native_fp16() -> bool:
+    """Whether oneDNN runs float16 convolutions natively on this CPU (AVX512-FP16, e.g. Intel Xeon
+    since Sapphire Rapids, or AVX-NE-CONVERT). Elsewhere float16 convolutions take PyTorch's generic
+    kernels, far slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+#: what a CPU needs for native reduced-precision convolutions (named in warnings)
+CPU_NATIVE_NEEDS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AVX512-FP16 or AVX-NE-CONVERT"}
+
+
 def reduced_precision_is_native(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether ``dtype`` (bfloat16/float16) convolutions run natively on ``device``."""
     device = torch.device(device)
     if device.type == "cuda":
         return dtype == torch.float16 or torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        return dtype == torch.bfloat16 and cpu_has_native_bf16()
+        return (dtype == torch.bfloat16 and cpu_has_native_bf16()) or (dtype == torch.float16 and cpu_has_native_fp16())
     return True  # other backends: no way to tell, no warning
 
 
@@ -37,7 +52,8 @@ def autocast_to(device: torch.device | str, dtype: torch.dtype | None):
 
 def cpu_description() -> str:
     """``model name`` from /proc/cpuinfo (or platform.processor()), torch's CPU capability level
-    and whether bfloat16 is native, e.g. ``"AMD EPYC, AVX2, bfloat16 emulated"``."""
+    and whether bfloat16 and float16 are native, e.g. ``"AMD EPYC, AVX2, bfloat16 emulated, float16
+    emulated"``."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -50,7 +66,9 @@ def cpu_description() -> str:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:
         capability = "unknown"
-    return f"{name}, {capability}, bfloat16 {'native' if cpu_has_native_bf16() else 'emulated'}"
+    native = {True: "native", False: "emulated"}
+    return (f"{name}, {capability}, bfloat16 {native[cpu_has_native_bf16()]}, "
+            f"float16 {native[cpu_has_native_fp16()]}")
 
 
 #: glibc mallopt parameters (malloc.h)
