@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.device import cpu_has_native_fp16
+from ..utils.device import cpu_has_native_bf16, cpu_has_native_fp16
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,9 +36,11 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, t
 
 def _onednn_fusable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether oneDNN's fused convolution (``torch.ops.mkldnn._convolution_pointwise``, the op
-    TorchInductor lowers conv+activation to on CPU) can run this convolution."""
+    TorchInductor lowers conv+activation to on CPU) can run this convolution (reduced precision only
+    where oneDNN supports it on this CPU; elsewhere the op would refuse it on every call)."""
     return (x.device.type == "cpu"
-            and (x.dtype in (torch.float32, torch.bfloat16) or (x.dtype == torch.float16 and cpu_has_native_fp16()))
+            and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_native_bf16())
+                 or (x.dtype == torch.float16 and cpu_has_native_fp16()))
             and not torch.is_grad_enabled() and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
