@@ -10,8 +10,10 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 convolutions natively on this CPU (AVX512-BF16 or AMX). Without
-    them bfloat16 is emulated and slower than float32."""
+    """Whether oneDNN runs bfloat16 convolutions on this CPU: torch's check, AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT. They are fast with AVX512-BF16 or AMX; on older AVX-512 CPUs oneDNN converts
+    through float32. Elsewhere (e.g. AVX2-only CPUs) PyTorch's generic kernels run them, many times
+    slower than float32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # not exposed by this torch build: assume not
@@ -20,9 +22,9 @@ def cpu_has_native_bf16() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_fp16() -> bool:
-    """Whether oneDNN runs float16 convolutions natively on this CPU (AVX512-FP16, e.g. Intel Xeon
-    since Sapphire Rapids, or AVX-NE-CONVERT). Elsewhere float16 convolutions take PyTorch's generic
-    kernels, far slower than float32."""
+    """Whether oneDNN runs float16 convolutions on this CPU: torch's check, AVX512-FP16 (e.g. Intel
+    Xeon since Sapphire Rapids) or AVX-NE-CONVERT. Elsewhere PyTorch's generic kernels run them, many
+    times slower than float32."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except (AttributeError, RuntimeError):
