@@ -114,6 +114,8 @@ def test_match_rejects_bad_input(small, rgb, tmp_path):
         small.match(torch.zeros(2, 3, 32, 32), torch.zeros(1, 3, 32, 32))
     with pytest.raises(ValueError):
         small.match(torch.zeros(0, 3, 32, 32), torch.zeros(0, 3, 32, 32))
+    with pytest.raises(ValueError, match="float64"):
+        small.match(rgb, rgb, dtype=torch.float64)
 
 
 def test_sample_is_weighted_reproducible_and_thresholded():

@@ -156,7 +156,7 @@ def test_gp_input_rounding_decides_which_dtype_the_network_scope_tolerates(model
     model.eval()
     with torch.inference_mode():
         f_q, f_s = model._encode_fast(q, s)
-        exact = model.decoder(dict(f_q), dict(f_s), fast=True)[1]["dense_flow"]
+        exact = model.decoder(f_q, f_s, fast=True)[1]["dense_flow"]
         p99 = {}
         for dtype in (torch.float16, torch.bfloat16):
             rounded = [{k: (f.to(dtype).float() if k in (16, 32) else f) for k, f in pyr.items()} for pyr in (f_q, f_s)]

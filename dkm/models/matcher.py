@@ -343,13 +343,15 @@ class RegressionMatcher(nn.Module):
         scope = precision_scope or self.inference_precision_scope
         if scope not in PRECISION_SCOPES:
             raise ValueError(f"precision_scope={scope!r}: expected one of {PRECISION_SCOPES}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype={dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
         if dtype != torch.float32 and not fast:
             raise ValueError(f"dtype={dtype} needs the fast path (fast=True); the faithful path is float32")
         if dtype != torch.float32 and not reduced_precision_is_native(self.device, dtype):
             warned = self.__dict__.setdefault("_warned_dtypes", set())
             if (self.device.type, dtype) not in warned:
                 warned.add((self.device.type, dtype))
-                need = CPU_NATIVE_NEEDS.get(dtype, "?") if self.device.type == "cpu" else "a GPU"
+                need = CPU_NATIVE_NEEDS[dtype] if self.device.type == "cpu" else "a GPU"
                 log.warning("match(dtype=%s): this %s has no native %s convolutions (%s needs %s); they are "
                             "emulated and slower than float32", dtype, self.device.type, dtype, dtype, need)
         was_training = self.training

@@ -8,16 +8,21 @@ from pathlib import Path
 import torch
 
 
+def _onednn_check(name: str) -> bool:
+    """``torch.ops.mkldnn.<name>()``; False where this torch build does not expose it."""
+    try:
+        return bool(getattr(torch.ops.mkldnn, name)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bfloat16 convolutions on this CPU: torch's check, AVX-512 BW/VL/DQ or
     AVX-NE-CONVERT. They are fast with AVX512-BF16 or AMX; on older AVX-512 CPUs oneDNN converts
     through float32. Elsewhere (e.g. AVX2-only CPUs) PyTorch's generic kernels run them, many times
     slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # not exposed by this torch build: assume not
-        return False
+    return _onednn_check("_is_mkldnn_bf16_supported")
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,10 +30,7 @@ def cpu_has_native_fp16() -> bool:
     """Whether oneDNN runs float16 convolutions on this CPU: torch's check, AVX512-FP16 (e.g. Intel
     Xeon since Sapphire Rapids) or AVX-NE-CONVERT. Elsewhere PyTorch's generic kernels run them, many
     times slower than float32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    return _onednn_check("_is_mkldnn_fp16_supported")
 
 
 #: what a CPU needs for native reduced-precision convolutions (named in warnings)
