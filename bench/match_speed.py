@@ -10,7 +10,7 @@ faithful output.
     python bench/match_speed.py --repeats 5 --batches 1 2 4
     python bench/match_speed.py --repeats 3 --rounds 3   # 3 interleaved processes per variant (noisy machines)
     python bench/match_speed.py --device cuda      # float16 instead of bfloat16 for the reduced variant
-    python bench/match_speed.py --lowp-dtype float16   # float16 on a CPU (native with AVX512-FP16)
+    python bench/match_speed.py --lowp-dtype float16   # float16 on a CPU (oneDNN with AVX512-FP16, fast with AMX-FP16)
     python bench/match_speed.py --arch dkm_base dkmv3_indoor   # v11 at 384x512 next to DKMv3 indoor at 480x640
     python bench/match_speed.py --release-code ~/src/DKM    # also the v11 release's own code (a checkout of 988ccbc)
 
@@ -23,10 +23,11 @@ Variants: ``faithful`` (``fast=False``, the release's operations), ``fast`` (the
 refiners in reduced precision) and
 ``fast_lowp_net`` (``precision_scope="network"``: also the encoder, projections and embedding
 decoder); each ``*_cc`` with ``check_cycle_consistency=True``. The reduced-precision variants run by
-default only where their dtype is native (bfloat16 on CPU: AVX512-BF16 or AMX; float16: CUDA, or a
-CPU with AVX512-FP16); elsewhere it is
-emulated and slower than float32 (select them with --variants to measure that anyway). The header
-names the CPU and its capabilities.
+default only where their dtype is native (bfloat16 on CPU: oneDNN, fast with AVX512-BF16 or AMX;
+float16: CUDA, or oneDNN on a CPU with AVX512-FP16, faster than float32 only with AMX-FP16); elsewhere
+it is emulated and many times slower than float32 (select them with --variants to measure that
+anyway). The header names the CPU and, per dtype, "fast", "native (no faster than float32)" or
+"emulated" (``dkm.utils.device.reduced_precision_support``).
 
 Memory: ``peak MiB`` is the peak resident set of the worker process (import, weights, one match);
 ``match MiB`` is that peak minus the resident set just before the first match, i.e. what matching
@@ -375,7 +376,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1])
     p.add_argument("--lowp-dtype", choices=["bfloat16", "float16"], default=None,
                    help="dtype of the fast_lowp* variants (default: float16 on CUDA, bfloat16 on CPU; float16 on a "
-                        "CPU is native with AVX512-FP16)")
+                        "CPU runs in oneDNN with AVX512-FP16, faster than float32 with AMX-FP16)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                    help="default: all, without the reduced-precision ones where that precision is emulated")
     p.add_argument("--malloc", choices=list(MALLOC_ENV), default="default",

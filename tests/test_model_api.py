@@ -1,6 +1,8 @@
 """match()/sample()/weights-loading behaviour of the public API, on a small random model."""
 from __future__ import annotations
 
+import pathlib
+import platform
 import urllib.error
 
 import numpy as np
@@ -208,27 +210,29 @@ def test_backbone_not_downloaded_when_weights_given(monkeypatch, small, tmp_path
 
 def test_no_hard_coded_cuda_in_package():
     """Device-agnostic: tensors are created on the model's/input's device, never with .cuda()."""
-    import pathlib
-
     import dkm
 
     offenders = [str(p) for p in pathlib.Path(dkm.__file__).parent.rglob("*.py") if ".cuda(" in p.read_text()]
     assert offenders == []
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_reduced_precision_warns_once_where_it_is_emulated(small, rgb, monkeypatch, caplog, native):
+@pytest.mark.parametrize("support", ["fast", "native (no faster than float32)", "emulated"])
+def test_reduced_precision_warns_once_where_it_is_no_faster(small, rgb, monkeypatch, caplog, support):
     import dkm.models.matcher as matcher
 
-    monkeypatch.setattr(matcher, "reduced_precision_is_native", lambda device, dtype: native)
+    monkeypatch.setattr(matcher, "reduced_precision_support", lambda device, dtype: support)
     small.__dict__.pop("_warned_dtypes", None)
     with caplog.at_level("WARNING", logger="dkm.models.matcher"):
         for _ in range(2):
             warp, _ = small.match(rgb, rgb, dtype=torch.bfloat16)
             assert warp.dtype == torch.float32 and torch.isfinite(warp).all()
-    warnings = [r for r in caplog.records if "emulated" in r.getMessage()]
-    assert len(warnings) == (0 if native else 1)
-    assert all("AVX512-BF16 or AMX" in r.getMessage() for r in warnings)  # what the CPU would need
+        small.match(rgb, rgb)  # float32 never warns
+    warnings = [r.getMessage() for r in caplog.records if "match(dtype=" in r.getMessage()]
+    assert len(warnings) == (0 if support == "fast" else 1)
+    if warnings:
+        assert "AVX512-BF16 or AMX" in warnings[0]  # what the CPU would need
+        assert ("many times slower" in warnings[0]) == (support == "emulated")
+        assert ("no faster than float32" in warnings[0]) == (support != "emulated")
 
 
 def test_device_capabilities_are_described():
@@ -239,6 +243,40 @@ def test_device_capabilities_are_described():
     assert cpu_has_native_fp16() == torch.ops.mkldnn._is_mkldnn_fp16_supported()
     desc = cpu_description()
     assert torch.backends.cpu.get_cpu_capability() in desc and "bfloat16 " in desc and "float16 " in desc
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/cpuinfo").exists() or platform.machine() != "x86_64",
+                    reason="x86 Linux: /proc/cpuinfo flags")
+def test_cpu_flags_are_this_machines():
+    from dkm.utils.device import cpu_flags
+
+    flags = cpu_flags()
+    assert {"sse2", "fpu"} <= flags  # every x86-64 CPU
+    capability = torch.backends.cpu.get_cpu_capability()  # torch may use less than the CPU has, never more
+    assert {"AVX512": "avx512f", "AVX2": "avx2"}.get(capability[:6].rstrip("_"), "fpu") in flags, capability
+
+
+@pytest.mark.parametrize("flags, native, faster", [
+    # a Xeon with AMX-BF16 and AVX512-FP16 but no AMX-FP16 (Sapphire Rapids): bfloat16 pays off, float16 not
+    ({"avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}, {torch.bfloat16, torch.float16}, {torch.bfloat16}),
+    ({"avx512f", "amx_bf16", "amx_fp16", "avx512_fp16"}, {torch.bfloat16, torch.float16}, {torch.bfloat16, torch.float16}),
+    # AVX-512 without BF16 (oneDNN converts through float32)
+    ({"avx512f", "avx512bw"}, {torch.bfloat16}, set()),
+    ({"avx2"}, set(), set()),  # AVX2 only: both emulated
+    (set(), {torch.bfloat16}, {torch.bfloat16}),  # flags unknown: native counts as faster
+])
+def test_reduced_precision_is_faster_only_with_matrix_instructions(monkeypatch, flags, native, faster):
+    import dkm.utils.device as device
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: torch.bfloat16 in native)
+    monkeypatch.setattr(device, "cpu_has_native_fp16", lambda: torch.float16 in native)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert device.reduced_precision_is_native("cpu", dtype) == (dtype in native)
+        assert device.reduced_precision_is_faster("cpu", dtype) == (dtype in faster), (flags, dtype)
+        expected = "fast" if dtype in faster else "native (no faster than float32)" if dtype in native else "emulated"
+        assert device.reduced_precision_support("cpu", dtype) == expected
+    assert "float16 " + device.reduced_precision_support("cpu", torch.float16) in device.cpu_description()
 
 
 def test_keep_freed_memory_applies_on_glibc_and_checks_its_arguments():

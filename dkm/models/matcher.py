@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import DEFAULT_CENTER, normalized_grid, normalized_to_pixel
-from ..utils.device import CPU_NATIVE_NEEDS, autocast_to, reduced_precision_is_native
+from ..utils.device import CPU_FAST_NEEDS, autocast_to, reduced_precision_support
 from ..utils.image import check_image_tensor, load_image, normalize, pil_to_tensor, resize_tensor
 from .sampling import SAMPLE_MODES, sample_matches
 
@@ -306,7 +306,9 @@ class RegressionMatcher(nn.Module):
             batched: accepted for compatibility with the original API; inferred from the input.
             fast: override the model's default inference path (see the class docstring).
             dtype: reduced-precision compute dtype, via autocast: ``torch.float32`` (default),
-                ``torch.bfloat16`` or ``torch.float16`` (CUDA; CPUs with AVX512-FP16). Fast path only.
+                ``torch.bfloat16`` or ``torch.float16`` (CUDA; CPUs with AMX-FP16). Fast path only.
+                Warns once where it is no faster than float32 (emulated, or e.g. float16 on
+                a CPU with AVX512-FP16 but no AMX-FP16).
             precision_scope: what ``dtype`` applies to (default: the model's
                 ``inference_precision_scope``, ``"refiners"``). ``"refiners"``: the refiners'
                 convolutions (most of the FLOPs; 0.01 px from float32 at the 99th percentile on the
@@ -315,7 +317,7 @@ class RegressionMatcher(nn.Module):
                 kernel amplifies it, so the mantissa matters. With the fixture's synthetic weights the
                 flow moves by 0.39 px at the 99th percentile in float16 (10-bit mantissa) and by 2.8 px
                 in bfloat16 (7 bits), where rounding the GP's input features to bfloat16 alone
-                already costs 0.58 px: use float16 with this scope where it is native, and measure on
+                already costs 0.58 px: use float16 with this scope where it is fast, and measure on
                 your data. Either way the GP (kernel and solve), the flow outputs and all coordinate
                 arithmetic stay in float32.
 
@@ -347,13 +349,15 @@ class RegressionMatcher(nn.Module):
             raise ValueError(f"dtype={dtype}: expected torch.float32, torch.bfloat16 or torch.float16")
         if dtype != torch.float32 and not fast:
             raise ValueError(f"dtype={dtype} needs the fast path (fast=True); the faithful path is float32")
-        if dtype != torch.float32 and not reduced_precision_is_native(self.device, dtype):
+        support = "fast" if dtype == torch.float32 else reduced_precision_support(self.device, dtype)
+        if support != "fast":
             warned = self.__dict__.setdefault("_warned_dtypes", set())
             if (self.device.type, dtype) not in warned:
                 warned.add((self.device.type, dtype))
-                need = CPU_NATIVE_NEEDS[dtype] if self.device.type == "cpu" else "a GPU"
-                log.warning("match(dtype=%s): this %s has no native %s convolutions (%s needs %s); they are "
-                            "emulated and slower than float32", dtype, self.device.type, dtype, dtype, need)
+                how = "emulated, many times slower than" if support == "emulated" else "native but no faster than"
+                need = CPU_FAST_NEEDS[dtype] if self.device.type == "cpu" else "a GPU that supports it"
+                log.warning("match(dtype=%s): %s convolutions on this %s are %s float32 (faster ones need %s)",
+                            dtype, dtype, self.device.type, how, need)
         was_training = self.training
         if self.version == "v3":
             if check_cycle_consistency or do_pred_in_og_res:

@@ -28,23 +28,61 @@ def cpu_has_native_bf16() -> bool:
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_fp16() -> bool:
     """Whether oneDNN runs float16 convolutions on this CPU: torch's check, AVX512-FP16 (e.g. Intel
-    Xeon since Sapphire Rapids) or AVX-NE-CONVERT. Elsewhere PyTorch's generic kernels run them, many
-    times slower than float32."""
+    Xeon since Sapphire Rapids) or AVX-NE-CONVERT; faster than float32 only with AMX-FP16 (Xeon since
+    Granite Rapids), see :func:`reduced_precision_is_faster`. Elsewhere PyTorch's generic kernels run
+    them, many times slower than float32."""
     return _onednn_check("_is_mkldnn_fp16_supported")
 
 
-#: what a CPU needs for native reduced-precision convolutions (named in warnings)
-CPU_NATIVE_NEEDS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AVX512-FP16 or AVX-NE-CONVERT"}
+#: what a CPU needs for reduced-precision convolutions faster than float32 (named in warnings)
+CPU_FAST_NEEDS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AMX-FP16"}
+#: /proc/cpuinfo flags of those instruction sets
+_CPU_FAST_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"amx_fp16"}}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The x86 feature flags of the first CPU in /proc/cpuinfo (e.g. ``{"avx512f", "amx_bf16", ...}``);
+    empty where there is no such line (other operating systems and architectures)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def reduced_precision_is_native(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether ``dtype`` (bfloat16/float16) convolutions run natively on ``device``."""
+    """Whether ``dtype`` (bfloat16/float16) convolutions run in optimized kernels on ``device``
+    (on CPU: oneDNN's) rather than in PyTorch's generic, many times slower ones."""
     device = torch.device(device)
     if device.type == "cuda":
         return dtype == torch.float16 or torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         return (dtype == torch.bfloat16 and cpu_has_native_bf16()) or (dtype == torch.float16 and cpu_has_native_fp16())
     return True  # other backends: no way to tell, no warning
+
+
+def reduced_precision_is_faster(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` convolutions are expected to beat float32 on ``device``: native, and on an
+    x86 CPU also its matrix instructions (:data:`CPU_FAST_NEEDS`). oneDNN runs float16 on any CPU
+    with AVX512-FP16, but without AMX-FP16 at float32 speed or below (torch 2.14.1, a Xeon with
+    AVX512-FP16 and AMX-BF16 but no AMX-FP16: float16 convolutions 0.75-0.9x float32's throughput,
+    bfloat16 3.5-4x), and bfloat16 on AVX-512 CPUs without AVX512-BF16 through float32. Where the
+    flags are unknown (no /proc/cpuinfo flags), native counts as faster."""
+    if not reduced_precision_is_native(device, dtype):
+        return False
+    flags = cpu_flags() if torch.device(device).type == "cpu" else frozenset()
+    return not flags or bool(flags & _CPU_FAST_FLAGS[dtype])
+
+
+def reduced_precision_support(device: torch.device | str, dtype: torch.dtype) -> str:
+    """``"fast"``, ``"native (no faster than float32)"`` or ``"emulated"`` (see
+    :func:`reduced_precision_is_faster` and :func:`reduced_precision_is_native`)."""
+    if reduced_precision_is_faster(device, dtype):
+        return "fast"
+    return "native (no faster than float32)" if reduced_precision_is_native(device, dtype) else "emulated"
 
 
 def autocast_to(device: torch.device | str, dtype: torch.dtype | None):
@@ -56,8 +94,8 @@ def autocast_to(device: torch.device | str, dtype: torch.dtype | None):
 
 def cpu_description() -> str:
     """``model name`` from /proc/cpuinfo (or platform.processor()), torch's CPU capability level
-    and whether bfloat16 and float16 are native, e.g. ``"AMD EPYC, AVX2, bfloat16 emulated, float16
-    emulated"``."""
+    and how bfloat16 and float16 run (:func:`reduced_precision_support`), e.g. ``"AMD EPYC, AVX2,
+    bfloat16 emulated, float16 emulated"``."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,9 +108,8 @@ def cpu_description() -> str:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:
         capability = "unknown"
-    native = {True: "native", False: "emulated"}
-    return (f"{name}, {capability}, bfloat16 {native[cpu_has_native_bf16()]}, "
-            f"float16 {native[cpu_has_native_fp16()]}")
+    return (f"{name}, {capability}, bfloat16 {reduced_precision_support('cpu', torch.bfloat16)}, "
+            f"float16 {reduced_precision_support('cpu', torch.float16)}")
 
 
 #: glibc mallopt parameters (malloc.h)
