@@ -57,10 +57,8 @@ def save_pictures(result: dict, out_dir, max_lines: int = 300, seed: int = 0, ce
     query, support = pil_to_tensor(result["A"], (h, w)), pil_to_tensor(result["B"], (h, w))
     paths = {"warp": out_dir / "warp.png", "matches": out_dir / "matches.png", "npz": out_dir / "matches.npz"}
     Image.fromarray(warp_panel(query, support, warp[..., 2:], certainty)).save(paths["warp"])
-    # draw_matches takes pixel centres at i + 0.5
-    shift = 0.5 - center
-    picture = draw_matches(np.asarray(result["A"]), np.asarray(result["B"]), result["kpts_A"] + shift,
-                           result["kpts_B"] + shift, result["sparse_certainty"], max_lines=max_lines, seed=seed)
+    picture = draw_matches(np.asarray(result["A"]), np.asarray(result["B"]), result["kpts_A"], result["kpts_B"],
+                           result["sparse_certainty"], max_lines=max_lines, seed=seed, center=center)
     Image.fromarray(picture).save(paths["matches"])
     np.savez(paths["npz"], kpts_A=result["kpts_A"], kpts_B=result["kpts_B"],
              certainty=result["sparse_certainty"], center=center)

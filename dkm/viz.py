@@ -42,11 +42,13 @@ def warp_panel(query: torch.Tensor, support: torch.Tensor, warp: torch.Tensor, c
 
 
 def draw_matches(im_A: np.ndarray, im_B: np.ndarray, kpts_A: np.ndarray, kpts_B: np.ndarray,
-                 certainty: np.ndarray | None = None, max_lines: int = 300, seed: int = 0) -> np.ndarray:
+                 certainty: np.ndarray | None = None, max_lines: int = 300, seed: int = 0,
+                 center: float = 0.5) -> np.ndarray:
     """``im_A`` (H_A, W_A, 3) and ``im_B`` (H_B, W_B, 3) uint8 side by side (top-aligned), with a line
-    for each of at most ``max_lines`` matches ``kpts_A[i] <-> kpts_B[i]`` ((N, 2) pixel coordinates,
-    pixel centres at i + 0.5: :func:`~dkm.geometry.coords.normalized_to_pixel`'s default), coloured
-    from red (low certainty) to green (high). Returns (max(H_A, H_B), W_A + W_B, 3) uint8."""
+    for each of at most ``max_lines`` matches ``kpts_A[i] <-> kpts_B[i]`` ((N, 2) pixel coordinates
+    with pixel i's centre at ``i + center``, as :func:`~dkm.geometry.coords.normalized_to_pixel`
+    gives them; default 0.5), coloured from red (low certainty) to green (high).
+    Returns (max(H_A, H_B), W_A + W_B, 3) uint8."""
     import cv2
 
     kpts_A, kpts_B = np.asarray(kpts_A, dtype=np.float64), np.asarray(kpts_B, dtype=np.float64)
@@ -59,8 +61,8 @@ def draw_matches(im_A: np.ndarray, im_B: np.ndarray, kpts_A: np.ndarray, kpts_B:
     idx = np.random.default_rng(seed).choice(n, min(n, max_lines), replace=False) if n else np.zeros(0, int)
     c = np.ones(n) if certainty is None else np.clip(np.asarray(certainty, dtype=np.float64).reshape(-1), 0, 1)
     for i in idx:
-        a = tuple(int(round(v)) for v in kpts_A[i] - 0.5)  # to the integer pixel grid of cv2's drawing
-        b = tuple(int(round(v)) for v in kpts_B[i] - 0.5 + (wa, 0))
+        a = tuple(int(round(v)) for v in kpts_A[i] - center)  # to the integer pixel grid of cv2's drawing
+        b = tuple(int(round(v)) for v in kpts_B[i] - center + (wa, 0))
         color = (int(255 * (1 - c[i])), int(255 * c[i]), 0)
         cv2.line(canvas, a, b, color, 1, cv2.LINE_AA)
         cv2.circle(canvas, a, 2, color, -1, cv2.LINE_AA)

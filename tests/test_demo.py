@@ -54,6 +54,11 @@ def test_draw_matches_puts_lines_where_the_keypoints_are():
     assert pic.shape == (20, 70, 3)
     assert pic[5, 5, 1] > 200 and pic[5, 30 + 20, 1] > 200 and pic[5, 5, 0] < 50  # certain: green
     assert pic[15, 40:].sum() == 0  # below image B: untouched
+    # the same keypoints with pixel centres at integers (OpenCV's convention) draw the same picture
+    assert np.array_equal(draw_matches(a, b, np.array([[5.0, 5.0]]), np.array([[20.0, 5.0]]), np.array([1.0]),
+                                       center=0.0), pic)
+    assert not np.array_equal(draw_matches(a, b, np.array([[5.0, 5.0]]), np.array([[20.0, 5.0]]), np.array([1.0])),
+                              pic)
     with pytest.raises(ValueError, match="kpts_A and kpts_B"):
         draw_matches(a, b, np.zeros((3, 2)), np.zeros((2, 2)))
 

@@ -209,8 +209,8 @@ class RegressionMatcher(nn.Module):
         s2q = torch.cat([o[2] for o in outs]) if cycle else None
         return q2s, cert, s2q
 
-    def _dense_faithful(self, query: torch.Tensor, support: torch.Tensor, cycle: bool, dtype=None, scope=None):
-        """The release's path: one batched (symmetric, if ``cycle``) forward pass."""
+    def _dense_faithful(self, query: torch.Tensor, support: torch.Tensor, cycle: bool):
+        """The release's path, in float32: one batched (symmetric, if ``cycle``) forward pass."""
         batch = {"query": query, "support": support}
         if cycle:
             out = self.forward_symmetric(batch)[1]
@@ -374,8 +374,10 @@ class RegressionMatcher(nn.Module):
             query, support, full, is_batched = self._prepare(im1, im2)
             b = query.shape[0]
             with torch.inference_mode() if fast else torch.no_grad():  # (inference_mode(False) re-enables autograd)
-                dense = self._dense_fast if fast else self._dense_faithful
-                q2s, certainty, s2q = dense(query, support, check_cycle_consistency, dtype, scope)
+                if fast:
+                    q2s, certainty, s2q = self._dense_fast(query, support, check_cycle_consistency, dtype, scope)
+                else:
+                    q2s, certainty, s2q = self._dense_faithful(query, support, check_cycle_consistency)
                 q2s = q2s.permute(0, 2, 3, 1)
                 hs, ws = query.shape[-2:]
                 if do_pred_in_og_res:
