@@ -57,8 +57,9 @@ def test_draw_matches_puts_lines_where_the_keypoints_are():
     # the same keypoints with pixel centres at integers (OpenCV's convention) draw the same picture
     assert np.array_equal(draw_matches(a, b, np.array([[5.0, 5.0]]), np.array([[20.0, 5.0]]), np.array([1.0]),
                                        center=0.0), pic)
-    assert not np.array_equal(draw_matches(a, b, np.array([[5.0, 5.0]]), np.array([[20.0, 5.0]]), np.array([1.0])),
-                              pic)
+    # and center is not ignored: the same points a whole pixel further along the grid draw elsewhere
+    assert not np.array_equal(draw_matches(a, b, np.array([[5.5, 5.5]]), np.array([[20.5, 5.5]]), np.array([1.0]),
+                                           center=1.5), pic)
     with pytest.raises(ValueError, match="kpts_A and kpts_B"):
         draw_matches(a, b, np.zeros((3, 2)), np.zeros((2, 2)))
 
