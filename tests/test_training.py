@@ -91,6 +91,61 @@ def test_weighted_sampler_is_rank_consistent_and_disjoint():
     np.testing.assert_allclose(ws[:4].numpy(), 4 ** -0.75) and np.testing.assert_allclose(ws[4:].numpy(), 16 ** -0.75)
 
 
+def test_sampler_and_loader_resume_mid_epoch_where_they_stopped():
+    from dkm.data.datamodules import AlternatingLoader
+
+    w = torch.ones(20)
+    full = [k for k in WeightedEpochSampler(w, 11, seed=2, rank=1, world_size=2)]
+    s = WeightedEpochSampler(w, 11, seed=2, rank=1, world_size=2)
+    s.set_epoch(0)
+    s.resume(0, 4)
+    assert list(s) == full[4:] and list(s) == full  # one pass only
+    s.resume(5, 4)
+    assert list(s) == full  # another epoch than the one to resume is drawn whole
+    with pytest.raises(ValueError, match="outside"):
+        s.resume(0, 7)
+
+    class Keys(torch.utils.data.Dataset):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def __getitem__(self, key):
+            return {"key": self.tag * 1000 + key[0], "epoch": key[1]}
+
+    def loader():  # two sources of different lengths (4 and 3 batches of 2), alternating
+        dls = [torch.utils.data.DataLoader(Keys(t), batch_size=2, drop_last=True,
+                                           sampler=WeightedEpochSampler(torch.ones(30), n, seed=t))
+               for t, n in ((1, 8), (2, 7))]
+        return AlternatingLoader(dls)
+
+    def run(dl, epoch, stop=None):
+        dl.sampler.set_epoch(epoch)
+        out = []
+        for b in dl:
+            out.append(b["key"].tolist())
+            if len(out) == stop:
+                break
+        return out
+
+    ref = loader()
+    whole = run(ref, 3)
+    assert len(whole) == len(ref) == 6 and run(ref, 3) == whole
+    for stop in range(1, 6):
+        first = loader()
+        head = run(first, 3, stop)
+        state = first.state_dict()
+        assert state == {"epoch": 3, "batches": stop}
+        resumed = loader()
+        resumed.load_state_dict(state)
+        assert head + run(resumed, 3) == whole, stop
+        assert run(resumed, 3) == whole  # the next pass is whole again
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 2, "batches": 3})  # saved at the end of epoch 2: epoch 3 is whole
+    assert run(resumed, 3) == whole
+    with pytest.raises(KeyError, match="batches"):
+        loader().load_state_dict({"epoch": 3})
+
+
 def test_a_few_steps_reduce_the_loss():
     torch.manual_seed(0)
     model = dkm_small(h=64, w=96, **TINY_ARCH).train()
@@ -109,12 +164,15 @@ def test_a_few_steps_reduce_the_loss():
 
 
 class _FirstStep(pl.Callback):
-    def __init__(self):
-        self.first = None
+    """Records the first global step and a fingerprint of every batch trained on."""
 
-    def on_train_batch_start(self, trainer, *args):
+    def __init__(self):
+        self.first, self.batches = None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.first is None:
             self.first = trainer.global_step
+        self.batches.append(round(float(batch["query"].double().sum()), 6))
 
 
 def _trainer(tmp_path, max_steps, extra=()):
@@ -124,24 +182,35 @@ def _trainer(tmp_path, max_steps, extra=()):
                       enable_model_summary=False, default_root_dir=str(tmp_path)), ck
 
 
-def test_lightning_fit_resume_and_export(tmp_path):
-    pl.seed_everything(0)
-    dm = DKMDataModule([{"kind": "synthetic_homography", "images": ["astronaut"], "length": 8}], h=64, w=96,
-                       batch_size=2, samples_per_epoch=8, num_workers=0, persistent_workers=False)
+def test_lightning_fit_resume_and_export(tmp_path, recwarn):
+    def data(workers=0):  # epochs of 4 batches of 2
+        return DKMDataModule([{"kind": "synthetic_homography", "images": ["astronaut"], "length": 8}], h=64, w=96,
+                             batch_size=2, samples_per_epoch=8, num_workers=workers, persistent_workers=workers > 0)
+
     optim = {"lr_encoder": 1e-4, "lr_decoder": 1e-4, "weight_decay": 0.01, "milestones": [0.5, 0.9], "gamma": 0.2}
+    pl.seed_everything(0)
+    reference = _FirstStep()  # an uninterrupted run of 5 steps
     module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
-    trainer, ck = _trainer(tmp_path, 3)
-    trainer.fit(module, datamodule=dm)
+    _trainer(tmp_path / "ref", 5, [reference])[0].fit(module, datamodule=data())
+    pl.seed_everything(0)
+    before = _FirstStep()
+    module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
+    trainer, ck = _trainer(tmp_path, 3, [before])
+    trainer.fit(module, datamodule=data())
     last = tmp_path / "ck" / "last.ckpt"
     assert last.exists() and trainer.global_step == 3
     assert not list((tmp_path / "ck").glob(".*tmp*"))  # atomic writes leave no temporaries
-    # resume: continues at the saved step, with optimiser and scheduler state
+    # resume mid-epoch (step 3 of 4), here with loader workers: continues at the saved step, with optimiser and
+    # scheduler state, on the rest of the interrupted epoch and then the next one, as the uninterrupted run
     first = _FirstStep()
     module2 = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
     trainer2, _ = _trainer(tmp_path, 5, [first])
-    trainer2.fit(module2, datamodule=dm, ckpt_path=str(last))
+    trainer2.fit(module2, datamodule=data(workers=2), ckpt_path=str(last))
     assert first.first == 3 and trainer2.global_step == 5
     assert trainer2.lr_scheduler_configs[0].scheduler.last_epoch == 5
+    assert len(set(reference.batches)) == 5  # epoch 1 draws and augments anew: a repeated batch would show
+    assert before.batches + first.batches == reference.batches
+    assert not [w for w in recwarn.list if "not resumable" in str(w.message)]
     # export to the upstream layout and load it through the zoo
     out = tmp_path / "exported.pth"
     export_main([str(tmp_path / "ck" / "last.ckpt"), str(out)])

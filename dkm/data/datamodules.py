@@ -49,23 +49,55 @@ class _Samplers:
 
 
 class AlternatingLoader:
-    """Alternates batches of several loaders (the indoor recipe: MegaDepth, ScanNet, ...).
+    """The training loader: one or several ``DataLoader``s (the indoor recipe: MegaDepth, ScanNet, ...),
+    alternating batch by batch, that a run resumed mid-epoch continues where it stopped.
 
-    ``sampler`` passes Lightning's per-epoch ``set_epoch`` on to every loader's sampler, so that a
-    resumed run draws the epoch it resumes in, not epoch 0 again."""
+    ``sampler`` passes Lightning's per-epoch ``set_epoch`` on to every loader's sampler. ``state_dict``
+    (saved by Lightning in every checkpoint, as for any loader with that interface) holds the epoch
+    and the number of batches handed out in it; after ``load_state_dict`` the next pass over that epoch
+    skips those batches in the samplers (without reading them) and yields the rest of the epoch, so a
+    resumed run trains on the same sequence of batches as an uninterrupted one. Every rank hands out
+    the same number of batches, so rank 0's state (the one Lightning saves) fits every rank's share.
+    The count is of batches handed to the training loop, which Lightning takes from a loader with a
+    length one at a time, without prefetching (``tests/test_training.py`` checks the resumed sequence).
+
+    Each loader needs a :class:`~dkm.data.samplers.WeightedEpochSampler` and ``drop_last=True``.
+    """
 
     def __init__(self, loaders: list[DataLoader]):
         self.loaders = loaders
         self.sampler = _Samplers([x.sampler for x in loaders])
+        self._epoch, self._yielded = 0, 0
+        self._resume: dict | None = None
 
     def __len__(self):
         return min(len(x) for x in self.loaders) * len(self.loaders)
 
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"epoch", "batches"} - set(state)
+        if missing:
+            raise KeyError(f"AlternatingLoader.load_state_dict: the checkpoint's loader state lacks {sorted(missing)}"
+                           f" (found {sorted(state)})")
+        self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+
     def __iter__(self):
+        n_loaders = len(self.loaders)
+        epoch = self.loaders[0].sampler.next_epoch()
+        resume, self._resume = self._resume, None
+        done = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        done = min(done, len(self))
+        for k, loader in enumerate(self.loaders):  # batches of loader k among the first `done`: k, k + n, ...
+            skipped = max(0, (done - k + n_loaders - 1) // n_loaders)
+            loader.sampler.resume(epoch, skipped * loader.batch_size)
         its = [iter(x) for x in self.loaders]
-        for _ in range(min(len(x) for x in self.loaders)):
-            for it in its:
-                yield next(it)
+        self._epoch, self._yielded = epoch, done
+        for position in range(done, len(self)):
+            batch = next(its[position % n_loaders])
+            self._yielded = position + 1
+            yield batch
 
 
 def collate(items: list[dict]) -> dict:
@@ -78,8 +110,9 @@ def collate(items: list[dict]) -> dict:
 class DKMDataModule(pl.LightningDataModule):
     """Training data from a ``conf/data/*.yaml`` config.
 
-    ``sources`` is a list of ``{kind: megadepth|scannet|synthetic_homography, ...kwargs}``; one
-    source gives one loader, several alternate batch by batch. Each source is sampled by
+    ``sources`` is a list of ``{kind: megadepth|scannet|synthetic_homography, ...kwargs}``; each
+    source gives one loader, and :class:`AlternatingLoader` alternates them batch by batch (and
+    resumes mid-epoch). Each source is sampled by
     :class:`WeightedEpochSampler` (scene weights ``1 / n^scene_alpha`` for MegaDepth/ScanNet),
     ``samples_per_epoch`` items per epoch over all ranks.
     """
@@ -132,4 +165,4 @@ class DKMDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         loaders = [self._loader(ds, w) for ds, w in self.datasets]
-        return loaders[0] if len(loaders) == 1 else AlternatingLoader(loaders)
+        return AlternatingLoader(loaders)
