@@ -100,8 +100,9 @@ def test_sampler_and_loader_resume_mid_epoch_where_they_stopped():
     s.set_epoch(0)
     s.resume(0, 4)
     assert list(s) == full[4:] and list(s) == full  # one pass only
-    s.resume(5, 4)
-    assert list(s) == full  # another epoch than the one to resume is drawn whole
+    s.set_epoch(1)
+    s.resume(0, 2)  # whatever set_epoch said
+    assert list(s) == full[2:] and list(s)[0][1] == 1
     with pytest.raises(ValueError, match="outside"):
         s.resume(0, 7)
 
@@ -140,8 +141,13 @@ def test_sampler_and_loader_resume_mid_epoch_where_they_stopped():
         assert head + run(resumed, 3) == whole, stop
         assert run(resumed, 3) == whole  # the next pass is whole again
     resumed = loader()
-    resumed.load_state_dict({"epoch": 2, "batches": 3})  # saved at the end of epoch 2: epoch 3 is whole
+    resumed.load_state_dict({"epoch": 2, "batches": 6})  # saved at the end of epoch 2: epoch 3 is whole
     assert run(resumed, 3) == whole
+    # Lightning numbers the resumed pass one higher when the checkpoint was written at the end of
+    # training (max_steps/max_time) mid-epoch: the rest of the saved epoch, then epochs shifted by one
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 3, "batches": 2})
+    assert run(resumed, 4) == whole[2:] and run(resumed, 5) == run(ref, 4) != whole
     with pytest.raises(KeyError, match="batches"):
         loader().load_state_dict({"epoch": 3})
 
@@ -175,8 +181,9 @@ class _FirstStep(pl.Callback):
         self.batches.append(round(float(batch["query"].double().sum()), 6))
 
 
-def _trainer(tmp_path, max_steps, extra=()):
-    ck = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True, every_n_train_steps=1)
+def _trainer(tmp_path, max_steps, extra=(), every_n_train_steps=1):
+    ck = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True,
+                                      every_n_train_steps=every_n_train_steps)
     return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
                       callbacks=[ck, *extra], plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
                       enable_model_summary=False, default_root_dir=str(tmp_path)), ck
@@ -188,32 +195,34 @@ def test_lightning_fit_resume_and_export(tmp_path, recwarn):
                              batch_size=2, samples_per_epoch=8, num_workers=workers, persistent_workers=workers > 0)
 
     optim = {"lr_encoder": 1e-4, "lr_decoder": 1e-4, "weight_decay": 0.01, "milestones": [0.5, 0.9], "gamma": 0.2}
+
+    def fit(root, steps, ckpt=None, workers=0, every_n_train_steps=1):
+        """Trains in ``root`` (a new directory per run, as train.py does); returns the batches trained on."""
+        start = 0 if ckpt is None else torch.load(ckpt, weights_only=False)["global_step"]
+        seen = _FirstStep()
+        module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
+        trainer, _ = _trainer(root, steps, [seen], every_n_train_steps)
+        trainer.fit(module, datamodule=data(workers), ckpt_path=ckpt)
+        assert trainer.global_step == steps and seen.first == start
+        return trainer, module, seen.batches
+
     pl.seed_everything(0)
-    reference = _FirstStep()  # an uninterrupted run of 5 steps
-    module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
-    _trainer(tmp_path / "ref", 5, [reference])[0].fit(module, datamodule=data())
+    _, _, uninterrupted = fit(tmp_path / "uninterrupted", 9)
+    assert len(set(uninterrupted)) == 9  # every epoch draws and augments anew: a repeated batch would show
     pl.seed_everything(0)
-    before = _FirstStep()
-    module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
-    trainer, ck = _trainer(tmp_path, 3, [before])
-    trainer.fit(module, datamodule=data())
-    last = tmp_path / "ck" / "last.ckpt"
-    assert last.exists() and trainer.global_step == 3
-    assert not list((tmp_path / "ck").glob(".*tmp*"))  # atomic writes leave no temporaries
-    # resume mid-epoch (step 3 of 4), here with loader workers: continues at the saved step, with optimiser and
-    # scheduler state, on the rest of the interrupted epoch and then the next one, as the uninterrupted run
-    first = _FirstStep()
-    module2 = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
-    trainer2, _ = _trainer(tmp_path, 5, [first])
-    trainer2.fit(module2, datamodule=data(workers=2), ckpt_path=str(last))
-    assert first.first == 3 and trainer2.global_step == 5
-    assert trainer2.lr_scheduler_configs[0].scheduler.last_epoch == 5
-    assert len(set(reference.batches)) == 5  # epoch 1 draws and augments anew: a repeated batch would show
-    assert before.batches + first.batches == reference.batches
+    _, _, batches = fit(tmp_path / "a", 3)
+    assert not list((tmp_path / "a" / "ck").glob(".*tmp*"))  # atomic writes leave no temporaries
+    # resumed mid-epoch (step 3 of 4), here with loader workers, from a checkpoint of that step's end; this run
+    # writes last.ckpt only when max_steps stops it (step 5, in epoch 1), which Lightning counts as epoch 1's end
+    batches += fit(tmp_path / "b", 5, tmp_path / "a" / "ck" / "last.ckpt", workers=2, every_n_train_steps=100)[2]
+    trainer, module2, more = fit(tmp_path / "c", 9, tmp_path / "b" / "ck" / "last.ckpt")  # the rest of epoch 1, epoch 2
+    batches += more
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 9  # optimiser and scheduler state restored
+    assert batches == uninterrupted  # the batches of the uninterrupted run, in its order
     assert not [w for w in recwarn.list if "not resumable" in str(w.message)]
     # export to the upstream layout and load it through the zoo
     out = tmp_path / "exported.pth"
-    export_main([str(tmp_path / "ck" / "last.ckpt"), str(out)])
+    export_main([str(tmp_path / "c" / "ck" / "last.ckpt"), str(out)])
     sd = torch.load(out, weights_only=True)
     assert not any(k.startswith("model.") for k in sd) and set(sd) == set(module2.model.state_dict())
     loaded = dkm_small(h=64, w=96, weights=out, **TINY_ARCH)

@@ -54,20 +54,26 @@ class AlternatingLoader:
 
     ``sampler`` passes Lightning's per-epoch ``set_epoch`` on to every loader's sampler. ``state_dict``
     (saved by Lightning in every checkpoint, as for any loader with that interface) holds the epoch
-    and the number of batches handed out in it; after ``load_state_dict`` the next pass over that epoch
-    skips those batches in the samplers (without reading them) and yields the rest of the epoch, so a
-    resumed run trains on the same sequence of batches as an uninterrupted one. Every rank hands out
-    the same number of batches, so rank 0's state (the one Lightning saves) fits every rank's share.
-    The count is of batches handed to the training loop, which Lightning takes from a loader with a
-    length one at a time, without prefetching (``tests/test_training.py`` checks the resumed sequence).
+    drawn and the number of batches handed out of it. After ``load_state_dict`` the next pass draws
+    that epoch again, skipping those batches in the samplers (without reading them), or the next epoch
+    if it had been handed out whole, so that a resumed run trains on the same sequence of batches as an
+    uninterrupted one. The pass after a resume can be numbered differently by Lightning: a checkpoint
+    written when ``max_steps`` or ``max_time`` stopped a run mid-epoch (``ModelCheckpoint`` saves
+    ``last.ckpt`` at the end of training if it had not during the run) counts the interrupted epoch as
+    done, and Lightning resumes with the next epoch number at the interrupted batch; the loader keeps
+    the difference and draws epochs ``set_epoch + difference`` from then on.
 
-    Each loader needs a :class:`~dkm.data.samplers.WeightedEpochSampler` and ``drop_last=True``.
+    Every rank hands out the same number of batches, so rank 0's state (the one Lightning saves) fits
+    every rank's share. The count is of batches handed to the training loop, which Lightning takes
+    from a loader with a length one at a time, without prefetching (``tests/test_training.py`` checks
+    the resumed sequence). Each loader needs a :class:`~dkm.data.samplers.WeightedEpochSampler` and
+    ``drop_last=True``; resuming exactly assumes the data configuration of the interrupted run.
     """
 
     def __init__(self, loaders: list[DataLoader]):
         self.loaders = loaders
         self.sampler = _Samplers([x.sampler for x in loaders])
-        self._epoch, self._yielded = 0, 0
+        self._epoch, self._yielded, self._epoch_offset = 0, 0, 0
         self._resume: dict | None = None
 
     def __len__(self):
@@ -85,10 +91,15 @@ class AlternatingLoader:
 
     def __iter__(self):
         n_loaders = len(self.loaders)
-        epoch = self.loaders[0].sampler.next_epoch()
+        numbered = self.loaders[0].sampler.next_epoch()  # Lightning's set_epoch
         resume, self._resume = self._resume, None
-        done = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
-        done = min(done, len(self))
+        if resume is not None:
+            epoch, done = resume["epoch"], resume["batches"]
+            if done >= len(self):  # saved at the end of its epoch
+                epoch, done = epoch + 1, 0
+            self._epoch_offset = epoch - numbered
+        else:
+            epoch, done = numbered + self._epoch_offset, 0
         for k, loader in enumerate(self.loaders):  # batches of loader k among the first `done`: k, k + n, ...
             skipped = max(0, (done - k + n_loaders - 1) // n_loaders)
             loader.sampler.resume(epoch, skipped * loader.batch_size)

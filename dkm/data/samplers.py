@@ -13,7 +13,7 @@ class WeightedEpochSampler(Sampler):
     the same list; rank ``r`` of ``world_size`` takes ``list[r::world_size]`` (padded to equal length).
 
     Yields ``(index, epoch)`` keys: datasets use the epoch to seed their per-item augmentation.
-    :meth:`resume` makes the next pass over a given epoch start part-way through this rank's share
+    :meth:`resume` makes the next pass draw a given epoch from part-way through this rank's share
     (a training run resumed mid-epoch sees the rest of the epoch it was interrupted in).
     """
 
@@ -31,12 +31,12 @@ class WeightedEpochSampler(Sampler):
         self.epoch, self._epoch_set = epoch, True
 
     def next_epoch(self) -> int:
-        """The epoch the next pass will draw."""
+        """The epoch the next pass draws (unless :meth:`resume` says otherwise)."""
         return self.epoch if self._epoch_set else self._iterations
 
-    def resume(self, epoch: int, start: int) -> None:
-        """If the next pass draws ``epoch``, it skips the first ``start`` items of this rank's share
-        (no item is read); any other epoch is drawn whole. Applies to one pass only."""
+    def resume(self, epoch: int, start: int = 0) -> None:
+        """The next pass (only) draws ``epoch``, whatever :meth:`set_epoch` said, and skips the first
+        ``start`` items of this rank's share of it (without reading them)."""
         if not 0 <= start <= len(self):
             raise ValueError(f"WeightedEpochSampler.resume: start {start} outside [0, {len(self)}] (this rank's share)")
         self._resume = (int(epoch), int(start))
@@ -45,10 +45,8 @@ class WeightedEpochSampler(Sampler):
         return math.ceil(self.num_samples / self.world_size)
 
     def __iter__(self):
-        epoch = self.next_epoch()
-        self._iterations += 1
-        resume, self._resume = self._resume, None
-        start = resume[1] if resume is not None and resume[0] == epoch else 0
+        epoch, start = self._resume if self._resume is not None else (self.next_epoch(), 0)
+        self._iterations, self._resume = self._iterations + 1, None
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         u = torch.rand(self.weights.shape, generator=g, dtype=torch.float64).clamp_min(1e-300)
         keys = self.weights.log() - (-u.log()).log()
