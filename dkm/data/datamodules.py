@@ -67,7 +67,9 @@ class AlternatingLoader:
     every rank's share. The count is of batches handed to the training loop, which Lightning takes
     from a loader with a length one at a time, without prefetching (``tests/test_training.py`` checks
     the resumed sequence). Each loader needs a :class:`~dkm.data.samplers.WeightedEpochSampler` and
-    ``drop_last=True``; resuming exactly assumes the data configuration of the interrupted run.
+    ``drop_last=True``; resuming exactly assumes the data configuration of the interrupted run and
+    epochs of ``len(self)`` batches (with ``trainer.limit_train_batches`` Lightning ends epochs early,
+    and a checkpoint from such an epoch's end resumes the rest of that epoch's draw instead of the next).
     """
 
     def __init__(self, loaders: list[DataLoader]):
