@@ -1,4 +1,5 @@
-"""Benchmarks as validation loops under CPU DDP (gloo, 2 processes) vs one device, via train.py."""
+"""Training under CPU DDP (gloo, 2 processes) via train.py: benchmarks as validation loops vs one
+device, and a run resumed mid-epoch vs an uninterrupted one."""
 from __future__ import annotations
 
 import csv
@@ -57,3 +58,36 @@ def test_benchmark_callback_same_metrics_on_one_and_two_ranks(tmp_path):
     steps = [int(r["step"]) for r in logged if r.get("hpatches/auc@5")]
     assert steps == [0, 2], steps
     assert (results[2] / "checkpoints" / "last.ckpt").exists()
+
+
+def test_ddp_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    """Two ranks, epochs of 4 steps: 6 steps at once vs 3 steps, then resumed to 6 (across the epoch
+    boundary). Training is deterministic on CPU, so equal weights mean the resumed run trained on the
+    same batches on every rank, with the same optimiser state. The legs stop by trainer.max_steps, so the
+    LR milestones (fractions of it) are put beyond every leg: a constant LR in all three."""
+    import torch
+
+    def run(out, steps, every, ckpt=None):
+        args = [sys.executable, str(REPO / "train.py"), "experiment=quickstart", "final_eval=null", "logger=csv",
+                "model.h=64", "model.w=96", f"trainer.max_steps={steps}", "trainer.max_time=null",
+                "trainer.enable_progress_bar=false", "data.module.batch_size=2", "data.module.samples_per_epoch=16",
+                "log_images_every_n_steps=0", f"checkpoint.every_n_train_steps={every}", "checkpoint.monitor=null",
+                "optim.milestones=[2.0,3.0]", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={out}"]
+        if ckpt is not None:
+            args.append(f"ckpt_path={ckpt}")
+        res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "not resumable" not in res.stderr
+        return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+    whole = run(tmp_path / "whole", 6, 6)
+    first = run(tmp_path / "first", 3, 3)
+    assert first["global_step"] == 3 and first["loops"]["fit_loop"]["state_dict"]["combined_loader"] == \
+        [{"epoch": 0, "batches": 3}]
+    resumed = run(tmp_path / "resumed", 6, 100, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
+    assert whole["global_step"] == resumed["global_step"] == 6
+    assert resumed["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    moved = max((whole["state_dict"][k] - first["state_dict"][k]).abs().max() for k in whole["state_dict"])
+    assert moved > 1e-4  # the last 3 steps changed the weights
+    for k, v in whole["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=0, msg=k)

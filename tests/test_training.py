@@ -181,6 +181,17 @@ class _FirstStep(pl.Callback):
         self.batches.append(round(float(batch["query"].double().sum()), 6))
 
 
+class _StopAt(pl.Callback):
+    """Stops training after ``step`` steps, as an interruption (e.g. ``max_time``) would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 def _trainer(tmp_path, max_steps, extra=(), every_n_train_steps=1):
     ck = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True,
                                       every_n_train_steps=every_n_train_steps)
@@ -196,30 +207,39 @@ def test_lightning_fit_resume_and_export(tmp_path, recwarn):
 
     optim = {"lr_encoder": 1e-4, "lr_decoder": 1e-4, "weight_decay": 0.01, "milestones": [0.5, 0.9], "gamma": 0.2}
 
-    def fit(root, steps, ckpt=None, workers=0, every_n_train_steps=1):
-        """Trains in ``root`` (a new directory per run, as train.py does); returns the batches trained on."""
+    def fit(root, stop, ckpt=None, workers=0, every_n_train_steps=1, max_steps=9):
+        """Trains in ``root`` (a new directory per run, as train.py does) until step ``stop``; returns the
+        trainer, the module and the batches trained on."""
         start = 0 if ckpt is None else torch.load(ckpt, weights_only=False)["global_step"]
         seen = _FirstStep()
         module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
-        trainer, _ = _trainer(root, steps, [seen], every_n_train_steps)
+        trainer, _ = _trainer(root, max_steps, [seen, _StopAt(stop)], every_n_train_steps)
         trainer.fit(module, datamodule=data(workers), ckpt_path=ckpt)
-        assert trainer.global_step == steps and seen.first == start
+        assert trainer.global_step == stop and seen.first == start
         return trainer, module, seen.batches
 
     pl.seed_everything(0)
-    _, _, uninterrupted = fit(tmp_path / "uninterrupted", 9)
+    _, whole, uninterrupted = fit(tmp_path / "uninterrupted", 9)
     assert len(set(uninterrupted)) == 9  # every epoch draws and augments anew: a repeated batch would show
     pl.seed_everything(0)
     _, _, batches = fit(tmp_path / "a", 3)
     assert not list((tmp_path / "a" / "ck").glob(".*tmp*"))  # atomic writes leave no temporaries
     # resumed mid-epoch (step 3 of 4), here with loader workers, from a checkpoint of that step's end; this run
-    # writes last.ckpt only when max_steps stops it (step 5, in epoch 1), which Lightning counts as epoch 1's end
+    # writes last.ckpt only when it is stopped (step 5, in epoch 1), which Lightning counts as epoch 1's end
     batches += fit(tmp_path / "b", 5, tmp_path / "a" / "ck" / "last.ckpt", workers=2, every_n_train_steps=100)[2]
     trainer, module2, more = fit(tmp_path / "c", 9, tmp_path / "b" / "ck" / "last.ckpt")  # the rest of epoch 1, epoch 2
     batches += more
-    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 9  # optimiser and scheduler state restored
     assert batches == uninterrupted  # the batches of the uninterrupted run, in its order
     assert not [w for w in recwarn.list if "not resumable" in str(w.message)]
+    # training is deterministic on CPU: the same batches, optimiser and LR schedule give the same weights
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 9
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(module2.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # resumed with more steps, the LR schedule follows this run's max_steps (milestones at 0.5 and 0.9 of 20:
+    # steps 10 and 18), not the checkpoint's (steps 4 and 8, where the LR had already decayed twice)
+    longer = fit(tmp_path / "d", 10, tmp_path / "c" / "ck" / "last.ckpt", max_steps=20)[0]
+    assert sorted(longer.lr_scheduler_configs[0].scheduler.milestones.elements()) == [10, 18]
+    assert [g["lr"] for g in longer.optimizers[0].param_groups] == pytest.approx([1e-4 * 0.2] * 2)
     # export to the upstream layout and load it through the zoo
     out = tmp_path / "exported.pth"
     export_main([str(tmp_path / "c" / "ck" / "last.ckpt"), str(out)])

@@ -1,6 +1,7 @@
 """LightningModule: the DKM model + the DKM loss + the recipe's optimiser and schedule. Nothing else."""
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 
@@ -86,6 +87,32 @@ class DKMLightningModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.loss_ema = checkpoint.get("dkm_loss_ema")
+        # The LR schedule follows this run's config (configure_optimizers: milestones as fractions of this
+        # run's trainer.max_steps, learning rates scaled by this run's world size), not the interrupted run's:
+        # MultiStepLR's state holds both, and loading it would bring back the old ones (e.g. a run resumed
+        # with more steps would decay the LR too early). Only the step count is restored; on_train_start
+        # sets the learning rates the schedule gives at that step.
+        for state in checkpoint.get("lr_schedulers", []):
+            state.pop("milestones", None)
+            state.pop("base_lrs", None)
+        self._reset_lr_on_start = True
+
+    def on_train_start(self) -> None:
+        if not getattr(self, "_reset_lr_on_start", False):
+            return
+        self._reset_lr_on_start = False
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if not isinstance(sched, torch.optim.lr_scheduler.MultiStepLR):
+                continue
+            decays = bisect.bisect_right(sorted(sched.milestones.elements()), sched.last_epoch)
+            restored = [g["lr"] for g in sched.optimizer.param_groups]
+            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+                group["initial_lr"], group["lr"] = base, base * sched.gamma ** decays
+            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+            if restored != sched._last_lr:
+                log.info("resume at step %d: learning rates %s (this run's schedule; the checkpoint had %s)",
+                         sched.last_epoch, sched._last_lr, restored)
 
     def configure_optimizers(self):
         o = self.optim
@@ -93,12 +120,15 @@ class DKMLightningModule(pl.LightningModule):
         params = [{"params": self.model.encoder.parameters(), "lr": o["lr_encoder"] * scale, "name": "encoder"},
                   {"params": self.model.decoder.parameters(), "lr": o["lr_decoder"] * scale, "name": "decoder"}]
         opt = torch.optim.AdamW(params, weight_decay=o.get("weight_decay", 0.01))
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self._milestones(), gamma=o.get("gamma", 0.2))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _milestones(self) -> list[int]:
+        """Steps at which the LR decays: ``optim.milestones`` (fractions) of ``trainer.max_steps``."""
         total = self.trainer.max_steps
         if total is None or total < 0:
             raise ValueError("trainer.max_steps must be set: the LR milestones are fractions of it")
-        milestones = [int(f * total) for f in o.get("milestones", (2 / 3, 9 / 10))]
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=o.get("gamma", 0.2))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return [int(f * total) for f in self.optim.get("milestones", (2 / 3, 9 / 10))]
 
 
 def log_warp_image(logger, key: str, image, step: int, caption: str = "") -> None:
