@@ -192,6 +192,18 @@ class _StopAt(pl.Callback):
             trainer.should_stop = True
 
 
+class _SaveMidStep(pl.Callback):
+    """Writes a checkpoint in the middle of step ``step`` (after its backward pass, before its
+    optimiser step), as Lightning's SLURM requeue signal handler can."""
+
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
 def _trainer(tmp_path, max_steps, extra=(), every_n_train_steps=1):
     ck = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True,
                                       every_n_train_steps=every_n_train_steps)
@@ -207,13 +219,13 @@ def test_lightning_fit_resume_and_export(tmp_path, recwarn):
 
     optim = {"lr_encoder": 1e-4, "lr_decoder": 1e-4, "weight_decay": 0.01, "milestones": [0.5, 0.9], "gamma": 0.2}
 
-    def fit(root, stop, ckpt=None, workers=0, every_n_train_steps=1, max_steps=9):
+    def fit(root, stop, ckpt=None, workers=0, every_n_train_steps=1, max_steps=9, extra=()):
         """Trains in ``root`` (a new directory per run, as train.py does) until step ``stop``; returns the
         trainer, the module and the batches trained on."""
         start = 0 if ckpt is None else torch.load(ckpt, weights_only=False)["global_step"]
         seen = _FirstStep()
         module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
-        trainer, _ = _trainer(root, max_steps, [seen, _StopAt(stop)], every_n_train_steps)
+        trainer, _ = _trainer(root, max_steps, [seen, _StopAt(stop), *extra], every_n_train_steps)
         trainer.fit(module, datamodule=data(workers), ckpt_path=ckpt)
         assert trainer.global_step == stop and seen.first == start
         return trainer, module, seen.batches
@@ -235,6 +247,17 @@ def test_lightning_fit_resume_and_export(tmp_path, recwarn):
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 9
     for k, v in whole.state_dict().items():
         torch.testing.assert_close(module2.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    # a checkpoint written in the middle of step 2 (as on a SLURM requeue signal) resumes with step 2's batch;
+    # the parameters end as in the uninterrupted run (BatchNorm's running statistics not quite: the checkpoint
+    # holds the interrupted step's forward update of them, and the redone step applies it again)
+    pl.seed_everything(0)
+    mid = tmp_path / "mid_step.ckpt"
+    batches = fit(tmp_path / "e", 3, every_n_train_steps=100, extra=[_SaveMidStep(2, mid)])[2][:2]
+    _, module3, more = fit(tmp_path / "f", 9, mid)
+    assert batches + more == uninterrupted
+    params = dict(module3.named_parameters())
+    for k, v in whole.named_parameters():
+        torch.testing.assert_close(params[k], v, rtol=0, atol=0, msg=k)
     # resumed with more steps, the LR schedule follows this run's max_steps (milestones at 0.5 and 0.9 of 20:
     # steps 10 and 18), not the checkpoint's (steps 4 and 8, where the LR had already decayed twice)
     longer = fit(tmp_path / "d", 10, tmp_path / "c" / "ck" / "last.ckpt", max_steps=20)[0]
@@ -393,3 +416,40 @@ def test_scannet_keeps_every_tenth_frame_pair_whatever_its_score(tmp_path):
     index["name"] = np.concatenate([index["name"], [[0, 0, 5, 10]]])  # frame 5: not a multiple of 10
     index["score"] = np.concatenate([index["score"], [0.9]])
     assert len(ScanNetScene(root, index, "s")) == 2
+
+
+def test_a_requeued_slurm_job_resumes_from_its_signal_checkpoint(tmp_path, monkeypatch, caplog):
+    """In a SLURM job the run directory is named by the job id (the same for every task and across a
+    requeue), train() resumes from the newest hpc_ckpt_<n>.ckpt Lightning wrote there on the requeue
+    signal, even if the command line names an older ckpt_path, and W&B continues the job's run."""
+    import shutil
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from dkm.lightning.loggers import build_logger
+    from dkm.lightning.train import resume_path, train
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    tiny = ["experiment=quickstart", "final_eval=null", "logger=none", "model.h=64", "model.w=96",
+            "trainer.max_time=null", "trainer.enable_progress_bar=false", "data.module.batch_size=2",
+            "data.module.samples_per_epoch=8", "log_images_every_n_steps=0", "checkpoint.monitor=null",
+            "checkpoint.every_n_train_steps=1"]
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        run_dir = compose("train", overrides=tiny, return_hydra_config=True).hydra.run.dir
+        first = compose("train", overrides=[*tiny, "trainer.max_steps=2"])
+        again = compose("train", overrides=[*tiny, "trainer.max_steps=3", "ckpt_path=/nowhere/old.ckpt"])
+    assert run_dir == "outputs/train/quickstart/4242"
+    out = tmp_path / "4242"
+    assert resume_path(out, "a.ckpt") == "a.ckpt"
+    train(first, out)
+    shutil.copy(out / "checkpoints" / "last.ckpt", out / "hpc_ckpt_1.ckpt")  # as the signal handler writes it
+    with caplog.at_level("INFO", logger="dkm.lightning.train"):
+        result = train(again, out)  # would fail on /nowhere/old.ckpt if it were used
+    assert result["trainer"].global_step == 3 and len(result["module"].loss_history) == 1
+    assert any("requeue checkpoint" in r.getMessage() and "/nowhere/old.ckpt" in r.getMessage()
+               for r in caplog.records)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = build_logger({"kind": "wandb", "project": "dkm", "name": "dkm base/v11"}, tmp_path)
+    assert logger._id == "dkm_base_v11-4242"

@@ -64,16 +64,18 @@ class AlternatingLoader:
     the difference and draws epochs ``set_epoch + difference`` from then on.
 
     Every rank hands out the same number of batches, so rank 0's state (the one Lightning saves) fits
-    every rank's share. The count is of batches handed to the training loop, which Lightning takes
-    from a loader with a length one at a time, without prefetching (``tests/test_training.py`` checks
-    the resumed sequence). Each loader needs a :class:`~dkm.data.samplers.WeightedEpochSampler` and
+    every rank's share. The count is of batches handed to the training loop (which Lightning takes
+    from a loader with a length one at a time, without prefetching) minus ``in_flight()``, the batches
+    handed out whose training step has not finished: a checkpoint written in the middle of a step (a
+    SLURM requeue signal) then resumes with that step's batch. ``tests/test_training.py`` checks the
+    resumed sequences. Each loader needs a :class:`~dkm.data.samplers.WeightedEpochSampler` and
     ``drop_last=True``; resuming exactly assumes the data configuration of the interrupted run and
     epochs of ``len(self)`` batches (with ``trainer.limit_train_batches`` Lightning ends epochs early,
     and a checkpoint from such an epoch's end resumes the rest of that epoch's draw instead of the next).
     """
 
-    def __init__(self, loaders: list[DataLoader]):
-        self.loaders = loaders
+    def __init__(self, loaders: list[DataLoader], in_flight=None):
+        self.loaders, self.in_flight = loaders, in_flight
         self.sampler = _Samplers([x.sampler for x in loaders])
         self._epoch, self._yielded, self._epoch_offset = 0, 0, 0
         self._resume: dict | None = None
@@ -82,7 +84,8 @@ class AlternatingLoader:
         return min(len(x) for x in self.loaders) * len(self.loaders)
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "batches": self._yielded}
+        pending = self.in_flight() if self.in_flight is not None else 0
+        return {"epoch": self._epoch, "batches": max(0, self._yielded - pending)}
 
     def load_state_dict(self, state: dict) -> None:
         missing = {"epoch", "batches"} - set(state)
@@ -178,4 +181,12 @@ class DKMDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         loaders = [self._loader(ds, w) for ds, w in self.datasets]
-        return AlternatingLoader(loaders)
+        return AlternatingLoader(loaders, in_flight=self._steps_in_flight)
+
+    def _steps_in_flight(self) -> int:
+        """Training batches fetched whose step has not finished (0 or 1): Lightning's progress counters."""
+        try:
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        except (AttributeError, RuntimeError):  # no trainer attached
+            return 0
+        return max(0, progress.ready - progress.processed)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def wandb_can_go_online(host: str = "api.wandb.ai", timeout: float = 2.0) -> tup
 
 
 def build_logger(cfg: dict, save_dir: Path):
-    """``cfg.kind``: ``wandb`` (default), ``csv``, ``tensorboard`` or ``none``."""
+    """``cfg.kind``: ``wandb`` (default), ``csv``, ``tensorboard`` or ``none``; the other keys go to the
+    logger (W&B: ``project``, ``name``, ``offline``, ``id``: see ``conf/logger/wandb.yaml``)."""
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
     cfg = dict(cfg)
@@ -47,4 +49,8 @@ def build_logger(cfg: dict, save_dir: Path):
             offline = True
             log.warning("W&B: logging offline (%s); sync later with `wandb sync %s/wandb/offline-run-*`",
                         reason, save_dir)
+    if cfg.get("id") is None and os.environ.get("SLURM_JOB_ID"):
+        cfg["id"] = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{cfg.get('name') or 'dkm'}-{os.environ['SLURM_JOB_ID']}")
+    if cfg.get("id") is not None:  # WandbLogger passes resume="allow": continues the W&B run of that id if it exists
+        log.info("W&B run id %s", cfg["id"])
     return WandbLogger(save_dir=str(save_dir), offline=offline, **cfg)

@@ -43,7 +43,10 @@ def training_steps(total_pairs: int, batch_size: int, world: int) -> int:
 def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[pl.Trainer, ModelCheckpoint]:
     ck = OmegaConf.to_container(cfg.checkpoint, resolve=True)
     checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, **ck)
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), *extra_callbacks]
+    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
+    callbacks = [checkpoint, *extra_callbacks]
+    if logger is not None:  # (logger=none: LearningRateMonitor refuses a Trainer without a logger)
+        callbacks.insert(1, LearningRateMonitor(logging_interval="step"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs.get("max_steps") is None:
         if cfg.get("total_pairs") is None:
@@ -52,10 +55,22 @@ def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[p
         trainer_kwargs["max_steps"] = training_steps(cfg.total_pairs, cfg.data.module.batch_size, world)
         log.info("trainer.max_steps = %d: total_pairs %d / (%d pairs per device x %d devices)",
                  trainer_kwargs["max_steps"], cfg.total_pairs, cfg.data.module.batch_size, world)
-    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger if logger is not None else False,
                          callbacks=callbacks, plugins=[AtomicCheckpointIO()], **trainer_kwargs)
     return trainer, checkpoint
+
+
+def resume_path(out_dir: Path, ckpt_path: str | None) -> str | None:
+    """The checkpoint to resume from: ``"hpc"`` (Lightning's name for the newest ``hpc_ckpt_<n>.ckpt`` in the
+    run directory, written on a SLURM requeue signal) if the run directory holds one, whatever
+    ``ckpt_path`` says (a requeued job re-runs its command line, whose ``ckpt_path`` is older), else
+    ``ckpt_path``."""
+    hpc = sorted(Path(out_dir).glob("hpc_ckpt_*.ckpt"))
+    if hpc:
+        log.info("resuming from the requeue checkpoint in %s (newest of %s)%s", out_dir, [p.name for p in hpc],
+                 f", not ckpt_path={ckpt_path}" if ckpt_path else "")
+        return "hpc"
+    return ckpt_path
 
 
 def train(cfg: DictConfig, out_dir) -> dict:
@@ -74,7 +89,7 @@ def train(cfg: DictConfig, out_dir) -> dict:
     trainer, checkpoint = build_trainer(cfg, out_dir, bench_callbacks)
     if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=resume_path(out_dir, cfg.ckpt_path))
     last = Path(checkpoint.dirpath) / "last.ckpt"
     return {"module": module, "trainer": trainer, "last_ckpt": last,
             "best_ckpt": checkpoint.best_model_path or None, "out_dir": out_dir}
