@@ -39,6 +39,7 @@ class DKMLightningModule(pl.LightningModule):
         self._t_last = None
         self.loss_history: list[torch.Tensor] = []  # per-step training loss (detached), for reports
         self.ema_decay, self.loss_ema = 0.99, None
+        self._reset_lr_on_start = False  # set when a checkpoint is loaded (on_load_checkpoint)
 
     def forward(self, batch: dict) -> dict:
         return self.model(batch)
@@ -98,7 +99,7 @@ class DKMLightningModule(pl.LightningModule):
         self._reset_lr_on_start = True
 
     def on_train_start(self) -> None:
-        if not getattr(self, "_reset_lr_on_start", False):
+        if not self._reset_lr_on_start:
             return
         self._reset_lr_on_start = False
         for config in self.trainer.lr_scheduler_configs:
