@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -74,7 +75,7 @@ class AlternatingLoader:
     and a checkpoint from such an epoch's end resumes the rest of that epoch's draw instead of the next).
     """
 
-    def __init__(self, loaders: list[DataLoader], in_flight=None):
+    def __init__(self, loaders: list[DataLoader], in_flight: Callable[[], int] | None = None):
         self.loaders, self.in_flight = loaders, in_flight
         self.sampler = _Samplers([x.sampler for x in loaders])
         self._epoch, self._yielded, self._epoch_offset = 0, 0, 0
@@ -187,6 +188,6 @@ class DKMDataModule(pl.LightningDataModule):
         """Training batches fetched whose step has not finished (0 or 1): Lightning's progress counters."""
         try:
             progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        except (AttributeError, RuntimeError):  # no trainer attached
+        except AttributeError:  # no trainer attached
             return 0
         return max(0, progress.ready - progress.processed)
