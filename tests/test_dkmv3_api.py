@@ -120,3 +120,21 @@ def test_fast_path_correlation_in_row_bands_gives_the_same_match(tiny, monkeypat
     assert calls  # the decoder asked for the bands
     torch.testing.assert_close(w2, w1, atol=1e-6, rtol=0)
     torch.testing.assert_close(c2, c1, atol=1e-6, rtol=0)
+
+
+def test_upsampling_switched_on_after_construction_runs_at_upsample_res():
+    """``model.upsample_preds = True`` on DKMv3 indoor (built without the pass) refines at the
+    release's (864, 1152) unless ``upsample_res`` says otherwise, also for images of different
+    sizes; without an ``upsample_res`` it is a clear error, not a pass at the images' own size."""
+    torch.manual_seed(0)
+    model = build_model({"arch": "dkmv3_indoor", "h": 48, "w": 64}).eval()
+    assert model.upsample_res == (864, 1152) and not model.upsample_preds
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.random((1, 3, 90, 120), dtype=np.float32))
+    b = torch.from_numpy(rng.random((1, 3, 70, 130), dtype=np.float32))
+    model.upsample_preds, model.upsample_res = True, (64, 96)
+    warp, cert = model.match(a, b)
+    assert warp.shape == (1, 64, 192, 4) and cert.shape == (1, 64, 192)
+    model.upsample_res = None
+    with pytest.raises(ValueError, match="upsample_res is None"):
+        model.match(a, b)

@@ -120,6 +120,33 @@ def test_match_rejects_bad_input(small, rgb, tmp_path):
         small.match(rgb, rgb, dtype=torch.float64)
 
 
+def test_match_takes_any_float_dtype_and_refuses_normalized_tensors(small, rgb):
+    """Image tensors of any float dtype match as their float32 values; a slight overshoot of [0, 1]
+    (a bicubic resize's) is clamped; ImageNet-normalized tensors (the v11 release's batched mode)
+    are refused, as is a device the model is not on."""
+    x = torch.from_numpy(np.asarray(rgb.resize((96, 64)), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    y = x.flip(-1)
+    w32, c32 = small.match(x, y)
+    for dt in (torch.float64, torch.float16, torch.bfloat16):
+        w, c = small.match(x.to(dt), y.to(dt))
+        xr, yr = x.to(dt).float(), y.to(dt).float()
+        w_ref, c_ref = small.match(xr, yr)  # the float32 values of the rounded images
+        assert w.dtype == torch.float32 and torch.equal(w, w_ref) and torch.equal(c, c_ref), dt
+    w64, _ = small.match(x.double(), y.double())
+    assert torch.equal(w64, w32)
+    over = x * 1.2 - 0.1  # in [-0.1, 1.1]
+    w_over, c_over = small.match(over, y)
+    w_clamp, c_clamp = small.match(over.clamp(0, 1), y)
+    assert torch.equal(w_over, w_clamp) and torch.equal(c_over, c_clamp)
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    with pytest.raises(ValueError, match="im1 has values in .*ImageNet-normalized"):
+        small.match((x - mean) / std, y)
+    w_dev, _ = small.match(x, y, device="cpu")
+    assert torch.equal(w_dev, w32)
+    with pytest.raises(ValueError, match="model is on cpu"):
+        small.match(x, y, device="cuda:0")
+
+
 def test_sample_is_weighted_reproducible_and_thresholded():
     h, w = 40, 50
     grid = normalized_grid(h, w)

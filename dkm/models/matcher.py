@@ -294,7 +294,7 @@ class RegressionMatcher(nn.Module):
     @torch.no_grad()
     def match(self, im1, im2, *args, check_cycle_consistency: bool = False, do_pred_in_og_res: bool = False,
               batched: bool | None = None, fast: bool | None = None, dtype: torch.dtype | None = None,
-              precision_scope: str | None = None):
+              precision_scope: str | None = None, device: torch.device | str | None = None):
         """Dense matches from ``im1`` (query) to ``im2`` (support).
 
         Args:
@@ -303,7 +303,11 @@ class RegressionMatcher(nn.Module):
             check_cycle_consistency: run both directions and keep certainty only on cycle-stable
                 pixels (others get ``1e-3 * certainty``); the query points become the cycle-mapped ones.
             do_pred_in_og_res: refine the prediction at the resolution of ``im1`` (stride-1 refiner).
-            batched: accepted for compatibility with the original API; inferred from the input.
+            batched: accepted for compatibility with the original API; inferred from the input
+                (unlike the v11 release's batched mode, tensors are RGB in [0, 1] at any size, not
+                ImageNet-normalized at the internal resolution: out-of-range values raise).
+            device: accepted for compatibility with DKMv3's ``match(..., device=...)``; matching runs
+                on the model's device, and another device raises (move the model with ``.to()``).
             fast: override the model's default inference path (see the class docstring).
             dtype: reduced-precision compute dtype, via autocast: ``torch.float32`` (default),
                 ``torch.bfloat16`` or ``torch.float16`` (CUDA; CPUs with AMX-FP16). Fast path only.
@@ -340,6 +344,10 @@ class RegressionMatcher(nn.Module):
             batched = opts.get("batched", batched)
             check_cycle_consistency = opts.get("check_cycle_consistency", check_cycle_consistency)
             do_pred_in_og_res = opts.get("do_pred_in_og_res", do_pred_in_og_res)
+        if device is not None:
+            want = torch.device(device)
+            if want.type != self.device.type or want.index not in (None, self.device.index):
+                raise ValueError(f"match(device={device}): the model is on {self.device}; move it with model.to(...)")
         fast = self.fast if fast is None else fast
         dtype = dtype or self.inference_dtype or torch.float32
         scope = precision_scope or self.inference_precision_scope
@@ -364,6 +372,9 @@ class RegressionMatcher(nn.Module):
                 raise ValueError("DKMv3 match(): check_cycle_consistency and do_pred_in_og_res are v11 options; "
                                  "DKMv3 matches both directions (symmetric) and refines at upsample_res "
                                  "(upsample_preds)")
+            if self.upsample_preds and self.upsample_res is None:
+                raise ValueError("DKMv3 match(): upsample_preds is on but upsample_res is None; set "
+                                 "model.upsample_res = (H, W) (the release: (864, 1152))")
             self.train(False)
             try:
                 return self._match_v3(im1, im2, fast, dtype, scope)

@@ -137,7 +137,9 @@ ARCHITECTURES = {
     # DKMv3 (Edstedt et al., CVPR 2023 release): v11 + displacement embeddings and local correlation
     # in the refiners (hidden width = input width), symmetric matching, balanced sampling.
     "dkmv3_outdoor": dict(_DKMV3, h=540, w=720, upsample_preds=True, upsample_res=(864, 1152), name="DKMv3"),
-    "dkmv3_indoor": dict(_DKMV3, h=480, w=640, upsample_preds=False, name="DKMv3"),
+    # (indoor: no upsampling pass by default; the release's model always carried upsample_res = (864, 1152)
+    # for model.upsample_preds = True)
+    "dkmv3_indoor": dict(_DKMV3, h=480, w=640, upsample_preds=False, upsample_res=(864, 1152), name="DKMv3"),
 }
 
 
@@ -306,7 +308,8 @@ def DKMv3_outdoor(path_to_weights=None, device=None, *, weights=None, pretrained
 
 def DKMv3_indoor(path_to_weights=None, device=None, *, weights=None, pretrained: bool = True, h: int = 480,
                  w: int = 640, fast: bool = True, backbone_weights=None, **overrides) -> RegressionMatcher:
-    """DKMv3 indoor (ScanNet): internal resolution 480x640, no upsampling pass, symmetric matching,
+    """DKMv3 indoor (ScanNet): internal resolution 480x640, no upsampling pass (``model.upsample_preds
+    = True`` turns one on at ``upsample_res = (864, 1152)``, as in the release), symmetric matching,
     ``sample_mode = "threshold_balanced"``. Arguments as :func:`DKMv3_outdoor`."""
     return _dkmv3("dkmv3_indoor", path_to_weights, device, weights=weights, pretrained=pretrained, h=h, w=w,
                   fast=fast, backbone_weights=backbone_weights, **overrides)

@@ -16,6 +16,9 @@ from PIL import Image, UnidentifiedImageError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MIN_SIDE = 2
+#: how far outside [0, 1] a float image tensor may go (e.g. the overshoot of a bicubic resize; clamped);
+#: beyond it match() refuses the input: ImageNet-normalized images span about [-2.1, 2.6]
+RANGE_TOLERANCE = 0.25
 
 
 def load_image(im) -> Image.Image:
@@ -71,8 +74,9 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_image_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Validate a (B, 3, H, W) or (3, H, W) image tensor in [0, 1] (uint8 is scaled by 1/255)
-    and return it as a float (B, 3, H, W) tensor."""
+    """Validate a (B, 3, H, W) or (3, H, W) image tensor in [0, 1] (uint8 is scaled by 1/255; values
+    up to :data:`RANGE_TOLERANCE` outside [0, 1] are clamped) and return it as a float32
+    (B, 3, H, W) tensor."""
     if x.dim() == 3:
         x = x[None]
     if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -83,8 +87,16 @@ def check_image_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
         x = x.float() / 255.0
     elif not x.is_floating_point():
         raise ValueError(f"{name} must be float in [0, 1] or uint8, got dtype {x.dtype}")
+    else:  # float64/float16/bfloat16 images: the network's inputs are float32 (autocast does the rest)
+        x = x.float()
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
+    lo, hi = x.aminmax()
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        raise ValueError(f"{name} has values in [{lo.item():.3g}, {hi.item():.3g}]; expected RGB in [0, 1] "
+                         "(or uint8), not ImageNet-normalized: match() normalizes and resizes itself")
+    if lo < 0 or hi > 1:
+        x = x.clamp(0, 1)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     return x
