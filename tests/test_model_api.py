@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from dkm import dkm_base, dkm_small, load_weights
+from dkm import build_model, dkm_base, dkm_small, load_weights
 from dkm.geometry.coords import normalized_grid, normalized_to_pixel, pixel_to_normalized
 from dkm.models import zoo
 
@@ -171,6 +171,17 @@ def test_sample_is_weighted_reproducible_and_thresholded():
     # numpy in, numpy out
     m5, c5 = zoo.RegressionMatcher.sample(matches.numpy(), cert.numpy(), 10)
     assert isinstance(m5, np.ndarray) and m5.shape == (10, 4)
+
+
+def test_sample_defaults_to_each_releases_number_of_matches(small):
+    """``sample(matches, certainty)`` without ``num``: 20000 as the v11 release (also on the class),
+    10000 as DKMv3's."""
+    grid = normalized_grid(200, 150)
+    matches, cert = torch.cat([grid, grid], dim=-1), torch.rand(200, 150) + 0.1
+    assert zoo.RegressionMatcher.sample(matches, cert)[0].shape == (20000, 4)
+    assert small.version == "v11" and small.sample(matches, cert)[0].shape == (20000, 4)
+    v3 = build_model({"arch": "dkmv3_indoor", "h": 32, "w": 48})
+    assert v3.sample(matches, cert, mode="proportional")[0].shape == (10000, 4)
 
 
 def test_to_pixel_coordinates_and_convention():

@@ -411,7 +411,7 @@ class RegressionMatcher(nn.Module):
 
     # ------------------------------------------------------------------ sparse matches
     @_SampleMethod
-    def sample(self, matches, certainty, num: int = 10000, relative_confidence_threshold: float = 0.0,
+    def sample(self, matches, certainty, num: int | None = None, relative_confidence_threshold: float = 0.0,
                generator: torch.Generator | None = None, mode: str | None = None):
         """Sample up to ``num`` matches without replacement.
 
@@ -423,12 +423,15 @@ class RegressionMatcher(nn.Module):
 
         Args:
             matches: (..., 4) tensor or array; certainty: (...) matching its leading dims.
+            num: default as in each release: 20000 for v11 (and on the class), 10000 for DKMv3.
             generator: a ``torch.Generator`` for reproducibility (on any device).
         Returns:
             ``(n, 4)`` matches and their ``(n,)`` certainties (as given, not the mode's weights),
             ``n = min(num, #candidates with positive weight)``; numpy in -> numpy out, tensors stay
             on their device.
         """
+        if num is None:
+            num = 10000 if self is not None and self.version == "v3" else 20000
         if mode is None:
             mode = self.sample_mode if self is not None else "proportional"
         thresh = self.sample_thresh if self is not None else 0.05
