@@ -231,7 +231,7 @@ def test_configs_build_the_release_models():
     from dkm import build_model
 
     conf = Path(__file__).resolve().parents[1] / "conf" / "model"
-    expected = {"dkmv3_outdoor": (540, 720, True, (864, 1152)), "dkmv3_indoor": (480, 640, False, None)}
+    expected = {"dkmv3_outdoor": (540, 720, True, (864, 1152)), "dkmv3_indoor": (480, 640, False, (864, 1152))}
     for arch, (h, w, up, res) in expected.items():
         cfg = OmegaConf.load(conf / f"{arch}.yaml")
         cfg.backbone_weights = None
