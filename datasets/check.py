@@ -13,6 +13,7 @@ Exit status 0 when complete, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -30,15 +31,15 @@ def check_training(kind: str, root: str) -> list[str]:
 
     try:
         ds = build_megadepth(root) if kind == "megadepth" else build_scannet(root)
-    except (FileNotFoundError, KeyError) as e:
-        return [str(e)]
+    except (FileNotFoundError, KeyError, OSError, ValueError) as e:  # missing, unreadable or empty scene infos
+        return [f"{type(e).__name__}: {e}"]
     problems = []
     for part in ds.datasets:
         for i in range(len(part)):
             try:
                 part[i]
-            except (FileNotFoundError, OSError, ValueError) as e:
-                problems.append(str(e))
+            except Exception as e:  # anything training on the pair would trip over
+                problems.append(f"{type(e).__name__}: {e}")
     print(f"{kind}: {sum(len(d) for d in ds.datasets)} training pairs, {len(problems)} unreadable")
     return problems
 
@@ -49,6 +50,7 @@ def main() -> int:
                                      "scannet_train"])
     p.add_argument("root")
     a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if a.name in ("megadepth", "scannet_train"):
         problems = check_training("megadepth" if a.name == "megadepth" else "scannet", a.root)
     else:

@@ -195,6 +195,8 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             model.inference_dtype = DTYPES[cfg.dtype]
             model.inference_precision_scope = cfg.get("precision_scope", "refiners")
         resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
+        for note in bench.completeness_warnings():
+            log.warning(note)
         log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
                  model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
         records = bench.evaluate_pairs(model, indices, progress=cfg.progress)

@@ -205,11 +205,12 @@ def _object_array(items) -> np.ndarray:
 def make_megadepth1500(root: Path, scene_names=("0015_0.1_0.3.npz", "0015_0.3_0.5.npz", "0022_0.1_0.3.npz",
                                                 "0022_0.3_0.5.npz", "0022_0.5_0.7.npz"), pairs_per_scene=1,
                        hw=(240, 320), seed=0, oracle: OracleMatcher | None = None):
-    """MegaDepth scene-info .npz files + ``Undistorted_SfM/<scene>/images/*.jpg``, as published:
+    """MegaDepth scene-info files + ``Undistorted_SfM/<scene>/images/*.jpg``, as published:
     ``intrinsics``, ``poses`` and ``image_paths`` are object arrays over all images of the scene with
-    ``None`` for the unused ones (here slot 0); ``pair_infos`` entries are ``((i, j), overlap,
-    central_matches)`` (LoFTR's MegaDepth-1500 files) or ``(array([i, j]), overlap)`` (DKM's
-    ``mega_8_scenes_<scene>_<band>.npz``)."""
+    ``None`` for the unused ones (here slot 0). LoFTR's MegaDepth-1500 files are, despite their
+    ``.npz`` name, pickled dicts (also with ``depth_paths``) whose ``pair_infos`` is a list of
+    ``(array([i, j]), overlap, central_matches (4,))``; DKM's ``mega_8_scenes_<scene>_<band>.npz``
+    are zip archives whose ``pair_infos`` is an (N, 2) object array of ``(array([i, j]), overlap)``."""
     rng = np.random.default_rng(seed)
     h, w = hw
     for si, name in enumerate(scene_names):
@@ -232,10 +233,18 @@ def make_megadepth1500(root: Path, scene_names=("0015_0.1_0.3.npz", "0015_0.3_0.
                 Ts.append(T)
                 ims.append(Image.open(d / fn))
             ij = (len(paths) - 2, len(paths) - 1)
-            infos.append((np.array(ij), 0.2) if eight_scenes else (ij, 0.3, np.zeros(3)))
+            infos.append((np.array(ij), 0.2) if eight_scenes else (np.array(ij), 0.3, np.zeros(4)))
             if oracle is not None:  # COLMAP intrinsics: pixel centres at i + 0.5
                 oracle.register(ims[0], ims[1], _project(X, R1, t1, K) + (oracle.center - 0.5),
                                 _project(X, R2, t2, K) + (oracle.center - 0.5))
+        if not eight_scenes:  # LoFTR: a pickle (protocol 4) of a dict, named .npz
+            depths = [None] + [p.replace("Undistorted_SfM", "phoenix/S6/zl548/MegaDepth_v1").replace(
+                "/images/", "/dense0/depths/").rsplit(".", 1)[0] + ".h5" for p in paths[1:]]
+            info = {"image_paths": _object_array(paths), "depth_paths": _object_array(depths),
+                    "intrinsics": _object_array(Ks), "poses": _object_array(Ts), "pair_infos": infos}
+            with open(root / name, "wb") as f:
+                pickle.dump(info, f, protocol=4)
+            continue
         pi = np.empty((len(infos), len(infos[0])), dtype=object)
         for r, info in enumerate(infos):
             for c, v in enumerate(info):

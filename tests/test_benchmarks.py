@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -304,3 +305,44 @@ def test_check_reads_homographies_and_selections_must_select(tmp_path):
         HpatchesHomogBenchmark(root, sequences="i")  # only v_ sequences here
     with pytest.raises(ValueError, match="'all', 'v'"):
         HpatchesHomogBenchmark(root, sequences="x")
+
+
+def test_index_files_load_from_each_container_the_releases_use(tmp_path):
+    """``.npz`` archives (ScanNet-1500, DKM's 8 scenes), ``np.save`` of a dict (DKM's prep_scene_info)
+    and plain pickles of a dict named ``.npz`` (LoFTR's MegaDepth-1500 scene infos) give the same dict."""
+    from dkm.utils.npz import load_arrays
+
+    arrays = {"name": np.arange(8).reshape(2, 4), "rel_pose": np.ones((2, 12))}
+    np.savez(tmp_path / "zip.npz", **arrays)
+    np.save(tmp_path / "dict.npy", arrays, allow_pickle=True)
+    with open(tmp_path / "pickle.npz", "wb") as f:
+        pickle.dump(arrays, f, protocol=4)
+    for name, allow in (("zip.npz", False), ("dict.npy", True), ("pickle.npz", True)):
+        got = load_arrays(tmp_path / name, allow_pickle=allow)
+        assert sorted(got) == ["name", "rel_pose"] and all(np.array_equal(got[k], arrays[k]) for k in arrays), name
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="plain.npy"):
+        load_arrays(tmp_path / "plain.npy")
+
+
+def test_check_reports_truncated_files_and_an_incomplete_hpatches_tree(tmp_path, caplog):
+    """A truncated scene-info file or image is a listed problem naming the file (not a traceback);
+    an HPatches tree with fewer sequences than the release passes the check but says so."""
+    import logging
+
+    from dkm.benchmarks.check import check_tree
+
+    root = make_megadepth1500(tmp_path / "md")  # LoFTR's five scene infos (pickles named .npz)
+    assert check_tree("megadepth1500", root) == (5, [])
+    image = sorted((root / "Undistorted_SfM").rglob("*.jpg"))[3]
+    image.write_bytes(image.read_bytes()[:200])
+    n, problems = check_tree("megadepth1500", root)
+    assert n == 5 and len(problems) == 1 and str(image) in problems[0]
+    scene = root / "0022_0.3_0.5.npz"
+    scene.write_bytes(scene.read_bytes()[:300])
+    n, problems = check_tree("megadepth1500", root)
+    assert n == 0 and len(problems) == 1 and "0022_0.3_0.5.npz" in problems[0]
+    hp = make_hpatches(tmp_path / "hp", seqs=("v_a", "i_b"), seed=3)
+    with caplog.at_level(logging.WARNING):
+        assert check_tree("hpatches", hp) == (10, [])
+    assert "1 of 57 i_, 1 of 59 v_ sequences of the release" in caplog.text

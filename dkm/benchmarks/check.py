@@ -13,9 +13,12 @@ unreadable. Exit status 0 when complete, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import BENCHMARKS
+
+log = logging.getLogger(__name__)
 
 
 def check_tree(name: str, root, open_images: bool = True) -> tuple[int, list[str]]:
@@ -26,14 +29,18 @@ def check_tree(name: str, root, open_images: bool = True) -> tuple[int, list[str
         bench = BENCHMARKS[name](root)
     except FileNotFoundError as e:
         return 0, [line.strip() for line in str(e).splitlines()[1:] if line.strip() and not line.startswith("See")]
-    except (ValueError, KeyError, OSError) as e:  # index files present but malformed
+    except Exception as e:  # index files present but malformed (truncated npz or pickle, short lines, ...)
         return 0, [f"{type(e).__name__}: {e}"]
     problems = []
     for pair in bench.pairs() if open_images else ():
         try:
             bench.check_pair(pair)
-        except (FileNotFoundError, OSError, KeyError, ValueError) as e:
-            problems.append(f"{bench.pair_id(pair)}: {getattr(e, 'filename', None) or e}")
+        except FileNotFoundError as e:
+            problems.append(f"{bench.pair_id(pair)}: {e.filename or e}")
+        except Exception as e:  # anything evaluating the pair would trip over
+            problems.append(f"{bench.pair_id(pair)}: {type(e).__name__}: {e}")
+    for note in bench.completeness_warnings():
+        log.warning(note)
     return len(bench), problems
 
 
@@ -43,6 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("root")
     p.add_argument("--no-images", action="store_true", help="check the index files only")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     n, problems = check_tree(a.name, a.root, open_images=not a.no_images)
     print(f"{a.name} at {a.root}: {n} pairs listed, {len(problems)} problems")
     return report(problems)

@@ -4,11 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..geometry.homography import estimate_homography, mean_corner_error
 from ..geometry.metrics import error_auc
-from .base import PairBenchmark
+from .base import PairBenchmark, open_image
 
 
 class HpatchesHomogBenchmark(PairBenchmark):
@@ -24,6 +23,8 @@ class HpatchesHomogBenchmark(PairBenchmark):
     """
 
     name = "hpatches"
+    #: sequences of the HPatches release: 57 illumination (i_) and 59 viewpoint (v_) ones
+    RELEASE_SEQUENCES = {"i": 57, "v": 59}
 
     def __init__(self, data_root, *, num_samples: int = 20000, cycle_consistency: bool = True,
                  center: float = 0.5, ransac_thr: float = 3.0, ransac_conf: float = 0.99999,
@@ -52,12 +53,24 @@ class HpatchesHomogBenchmark(PairBenchmark):
         seqs = [s for s in seqs if s not in self.exclude_sequences]
         return [(s, k) for s in seqs for k in range(2, 7)]
 
+    def completeness_warnings(self) -> list[str]:
+        """A note if fewer sequences are on disk than the release has (e.g. an interrupted extraction):
+        the pairs are listed from what is found, so a partial tree would otherwise pass unnoticed."""
+        kinds = ("i", "v") if self.sequences == "all" else (self.sequences,)
+        found = {k: sum(1 for p in self.seqs_path.iterdir() if p.is_dir() and p.name.startswith(k + "_"))
+                 for k in kinds}
+        if all(found[k] == self.RELEASE_SEQUENCES[k] for k in kinds):
+            return []
+        have = ", ".join(f"{found[k]} of {self.RELEASE_SEQUENCES[k]} {k}_" for k in kinds)
+        return [f"hpatches: {have} sequences of the release under {self.seqs_path}: metrics are not "
+                "comparable to published ones (re-run datasets/hpatches/download.sh)"]
+
     def pair_id(self, pair) -> str:
         return f"{pair[0]}/1-{pair[1]}"
 
     def pair_images(self, pair):
         seq, k = pair
-        return Image.open(self.seqs_path / seq / "1.ppm"), Image.open(self.seqs_path / seq / f"{k}.ppm")
+        return open_image(self.seqs_path / seq / "1.ppm"), open_image(self.seqs_path / seq / f"{k}.ppm")
 
     def _gt(self, pair):
         return np.loadtxt(self.seqs_path / pair[0] / f"H_1_{pair[1]}")
@@ -94,8 +107,8 @@ class HpatchesHomogBenchmark(PairBenchmark):
     def failure_record(self, pair):
         try:
             seq = self.seqs_path / pair[0]
-            w1, h1 = Image.open(seq / "1.ppm").size
-            w2, h2 = Image.open(seq / f"{pair[1]}.ppm").size
+            w1, h1 = open_image(seq / "1.ppm").size
+            w2, h2 = open_image(seq / f"{pair[1]}.ppm").size
             err = mean_corner_error(np.diag([0.0, 0.0, 1.0]), self._gt(pair), h1, w1) / (min(w2, h2) / self.normalize_to)
         except Exception:
             err = float("inf")  # unreadable pair: counted, never recalled

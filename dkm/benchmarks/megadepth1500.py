@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
 from ..geometry.pose import relative_pose
+from ..utils.npz import load_arrays
+from .base import open_image
 from .relative_pose import RelativePoseBenchmark
 
 SCENE_INFOS = ("0015_0.1_0.3.npz", "0015_0.3_0.5.npz", "0022_0.1_0.3.npz", "0022_0.3_0.5.npz", "0022_0.5_0.7.npz")
@@ -35,13 +36,17 @@ class Megadepth1500Benchmark(RelativePoseBenchmark):
     def list_pairs(self):
         pairs = []
         for name in self.scene_names:
-            with np.load(self.data_root / name, allow_pickle=True) as z:
+            path = self.data_root / name
+            z = load_arrays(path, allow_pickle=True)  # LoFTR's files are pickled dicts, DKM's .npz archives
+            try:
                 infos, K, T, paths = z["pair_infos"], z["intrinsics"], z["poses"], z["image_paths"]
-                for info in infos:
-                    i, j = (int(v) for v in info[0])
-                    pairs.append({"scene": name.removesuffix(".npz"), "im1": str(paths[i]), "im2": str(paths[j]),
-                                  "K1": np.asarray(K[i], np.float64), "K2": np.asarray(K[j], np.float64),
-                                  "T1": np.asarray(T[i], np.float64), "T2": np.asarray(T[j], np.float64)})
+            except KeyError as e:
+                raise KeyError(f"{path}: expected pair_infos, intrinsics, poses and image_paths; no {e}") from None
+            for info in infos:
+                i, j = (int(v) for v in info[0])
+                pairs.append({"scene": name.removesuffix(".npz"), "im1": str(paths[i]), "im2": str(paths[j]),
+                              "K1": np.asarray(K[i], np.float64), "K2": np.asarray(K[j], np.float64),
+                              "T1": np.asarray(T[i], np.float64), "T2": np.asarray(T[j], np.float64)})
         return pairs
 
     def pair_id(self, pair) -> str:
@@ -49,7 +54,7 @@ class Megadepth1500Benchmark(RelativePoseBenchmark):
 
     def load_pair(self, pair):
         R, t = relative_pose(pair["T1"][:3, :3], pair["T1"][:3, 3], pair["T2"][:3, :3], pair["T2"][:3, 3])
-        return {"im1": Image.open(self.data_root / pair["im1"]), "im2": Image.open(self.data_root / pair["im2"]),
+        return {"im1": open_image(self.data_root / pair["im1"]), "im2": open_image(self.data_root / pair["im2"]),
                 "K1": pair["K1"], "K2": pair["K2"], "R": R, "t": t}
 
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 
+from ..utils.npz import load_arrays
+from .base import open_image
 from .relative_pose import RelativePoseBenchmark
 
 
@@ -30,8 +31,11 @@ class ScanNetBenchmark(RelativePoseBenchmark):
         return [self.data_root / "test.npz", self.data_root / "scans_test"]
 
     def list_pairs(self):
-        with np.load(self.data_root / "test.npz") as z:
-            names, poses = z["name"], z["rel_pose"]
+        path = self.data_root / "test.npz"
+        z = load_arrays(path)
+        if "name" not in z or "rel_pose" not in z:
+            raise KeyError(f"{path}: expected arrays 'name' (N, 4) and 'rel_pose' (N, 12), found {sorted(z)}")
+        names, poses = z["name"], z["rel_pose"]
         if len(names) != len(poses):
             raise ValueError(f"{self.data_root / 'test.npz'}: {len(names)} names but {len(poses)} rel_pose rows")
         return [(tuple(int(v) for v in n), np.asarray(p, dtype=np.float64).reshape(3, 4)) for n, p in zip(names, poses)]
@@ -44,7 +48,7 @@ class ScanNetBenchmark(RelativePoseBenchmark):
         (scene, sub, f1, f2), T = pair
         d = self.data_root / "scans_test" / f"scene{scene:04d}_{sub:02d}"
         K = read_intrinsic_txt(d / "intrinsic" / "intrinsic_color.txt")
-        return {"im1": Image.open(d / "color" / f"{f1}.jpg"), "im2": Image.open(d / "color" / f"{f2}.jpg"),
+        return {"im1": open_image(d / "color" / f"{f1}.jpg"), "im2": open_image(d / "color" / f"{f2}.jpg"),
                 "K1": K, "K2": K, "R": T[:, :3], "t": T[:, 3]}
 
     def benchmark_scannet(self, model) -> dict:

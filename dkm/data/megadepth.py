@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..utils.npz import load_arrays
 from .pairs import make_depth_pair, open_image
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,10 @@ class MegadepthScene(Dataset):
 
 
 def load_scene_info(path: Path) -> dict:
-    """A ``prep_scene_info`` file (``.npy`` pickled dict or ``.npz``) as a dict; errors name the file."""
+    """A ``prep_scene_info`` file (``.npy`` pickled dict, ``.npz`` archive or pickled dict) as a dict;
+    errors name the file."""
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=True) as z:
-                return {k: z[k] for k in z.files}
-        return np.load(path, allow_pickle=True).item()
+        return load_arrays(path, allow_pickle=True)
     except Exception as e:
         raise OSError(f"MegaDepth: corrupt or unreadable scene info {path}: {e}") from e
 

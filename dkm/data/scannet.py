@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..utils.npz import load_arrays
 from .megadepth import check_files
 from .pairs import make_depth_pair, open_image
 
@@ -99,8 +100,8 @@ def build_scannet(data_root, check: str = "dirs", **kw) -> ConcatDataset:
     parts = []
     for f in files:
         try:
-            with np.load(f) as z:
-                index = {"name": z["name"], "score": z["score"]}
+            z = load_arrays(f)
+            index = {"name": z["name"], "score": z["score"]}
         except KeyError as e:
             raise KeyError(f"ScanNet index {f}: expected arrays 'name' (N, 4) and 'score' (N,): {e}") from None
         except Exception as e:
