@@ -117,15 +117,26 @@ def load_run_metadata(run_dirs) -> dict:
         if not f.exists():
             raise FileNotFoundError(f"merge: {f} not found (written by every evaluate.py run)")
         metas.append(json.loads(f.read_text()))
+    for m in metas:
+        m["protocol"] = comparable_protocol(m.get("protocol"))
     out = {}
     for key in ("benchmark", "num_pairs_in_benchmark", "model", "checkpoint", "checkpoint_sha256", "dtype",
-                "precision_scope"):
+                "precision_scope", "protocol", "seed"):
         values = {json.dumps(m.get(key), sort_keys=True) for m in metas}
         if len(values) > 1:
-            raise ValueError(f"merge: the runs differ in {key!r} ({sorted(values)[:3]}); merge runs of one model "
-                             "and one benchmark only")
+            raise ValueError(f"merge: the runs differ in {key!r} ({sorted(values)[:3]}); merge runs of one model, "
+                             "one benchmark protocol and one seed only")
         out[key] = metas[0].get(key)
     return out
+
+
+def comparable_protocol(protocol: Mapping | None) -> dict | None:
+    """A run's protocol without what may differ between the shards of one evaluation (the data root,
+    e.g. on other machines) or is derived from the model (the effective resolutions)."""
+    if protocol is None:
+        return None
+    return {k: v for k, v in dict(protocol).items()
+            if k not in ("data_root", "effective_resolution", "effective_upsample_res")}
 
 
 def model_config_for(cfg_model: dict, ckpt) -> dict:
@@ -161,6 +172,13 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         meta = load_run_metadata(cfg.merge)
         if meta["benchmark"] not in (None, bench.name):
             raise ValueError(f"merge: the runs are of benchmark {meta['benchmark']!r}, not {bench.name!r}")
+        given = comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True))
+        if meta["protocol"] is not None and given != meta["protocol"]:
+            differ = sorted(k for k in set(given) | set(meta["protocol"]) if given.get(k) != meta["protocol"].get(k))
+            raise ValueError(f"merge: the runs were evaluated with another protocol than benchmark={bench.name} "
+                             f"gives here (differs in {differ}); merge with the runs' benchmark config")
+        if meta["seed"] is not None and meta["seed"] != cfg.seed:
+            raise ValueError(f"merge: the runs used seed={meta['seed']}, this command seed={cfg.seed}")
         num_listed = int(meta["num_pairs_in_benchmark"])
         model_cfg, ckpt, ckpt_hash = meta["model"], meta["checkpoint"], meta["checkpoint_sha256"]
         indices = select_indices(num_listed if cfg.limit is None else min(num_listed, int(cfg.limit)),

@@ -65,6 +65,28 @@ def test_shards_merge_to_the_full_run(tiny_hpatches, tmp_path):
         assert res["model"]["arch"] == "sift" and res["checkpoint_sha256"] is None
 
 
+def test_merge_refuses_shards_of_other_protocols_or_seeds(tiny_hpatches, tmp_path):
+    """Shards evaluated with another protocol (same benchmark name and pair count) or seed, or merged
+    with a protocol other than theirs, are refused: their records would not be one evaluation."""
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=500", f"data_root={tiny_hpatches}",
+              "progress=false"]
+    evaluate_benchmark(cfg_for(*common, "shard=0/2"), tmp_path / "s0")
+    evaluate_benchmark(cfg_for(*common, "shard=1/2", "benchmark.num_samples=1000"), tmp_path / "s1")
+    evaluate_benchmark(cfg_for(*common, "shard=1/2", "seed=5"), tmp_path / "s1_seed")
+    evaluate_benchmark(cfg_for(*common, "shard=1/2"), tmp_path / "s1_same")
+    with pytest.raises(ValueError, match="differ in 'protocol'"):
+        evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"), tmp_path / "m1")
+    with pytest.raises(ValueError, match="differ in 'seed'"):
+        evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 's1_seed'}]"), tmp_path / "m2")
+    with pytest.raises(ValueError, match=r"another protocol .*num_samples"):
+        evaluate_benchmark(cfg_for(*common, "benchmark.num_samples=1000",
+                                   f"merge=[{tmp_path / 's0'},{tmp_path / 's1_same'}]"), tmp_path / "m3")
+    with pytest.raises(ValueError, match="seed=0, this command seed=5"):
+        evaluate_benchmark(cfg_for(*common, "seed=5", f"merge=[{tmp_path / 's0'},{tmp_path / 's1_same'}]"),
+                           tmp_path / "m4")
+    evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 's1_same'}]"), tmp_path / "m5")
+
+
 def test_config_errors_fail_at_start(tiny_hpatches, tmp_path):
     with pytest.raises(FileNotFoundError, match="hpatches-sequences-release"):
         evaluate_benchmark(cfg_for("benchmark=hpatches", "model=sift", f"data_root={tmp_path / 'none'}"), tmp_path / "a")

@@ -1,6 +1,8 @@
 """Training data, a few optimisation steps, checkpoints, resume and export (tiny, on CPU)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -205,11 +207,14 @@ class _SaveMidStep(pl.Callback):
 
 
 def _trainer(tmp_path, max_steps, extra=(), every_n_train_steps=1):
-    ck = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ck"), save_last=True,
-                                      every_n_train_steps=every_n_train_steps)
+    """A CPU Trainer with train.py's checkpoint callbacks (last.ckpt every ``every_n_train_steps`` and at
+    the end) and atomic writes."""
+    from dkm.lightning.train import build_checkpoints
+
+    ck = build_checkpoints({"every_n_train_steps": every_n_train_steps}, tmp_path / "ck")
     return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                      callbacks=[ck, *extra], plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
-                      enable_model_summary=False, default_root_dir=str(tmp_path)), ck
+                      callbacks=[*ck, *extra], plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path)), ck[0]
 
 
 def test_lightning_fit_resume_and_export(tmp_path, recwarn):
@@ -237,8 +242,10 @@ def test_lightning_fit_resume_and_export(tmp_path, recwarn):
     _, _, batches = fit(tmp_path / "a", 3)
     assert not list((tmp_path / "a" / "ck").glob(".*tmp*"))  # atomic writes leave no temporaries
     # resumed mid-epoch (step 3 of 4), here with loader workers, from a checkpoint of that step's end; this run
-    # writes last.ckpt only when it is stopped (step 5, in epoch 1), which Lightning counts as epoch 1's end
-    batches += fit(tmp_path / "b", 5, tmp_path / "a" / "ck" / "last.ckpt", workers=2, every_n_train_steps=100)[2]
+    # saves at step 4 and, stopped at step 5 (in epoch 1) between saves, writes last.ckpt at the end of training,
+    # which Lightning counts as epoch 1's end
+    batches += fit(tmp_path / "b", 5, tmp_path / "a" / "ck" / "last.ckpt", workers=2, every_n_train_steps=4)[2]
+    assert torch.load(tmp_path / "b" / "ck" / "last.ckpt", weights_only=False)["global_step"] == 5
     trainer, module2, more = fit(tmp_path / "c", 9, tmp_path / "b" / "ck" / "last.ckpt")  # the rest of epoch 1, epoch 2
     batches += more
     assert batches == uninterrupted  # the batches of the uninterrupted run, in its order
@@ -399,8 +406,11 @@ def test_training_length_follows_the_recipe_for_any_number_of_devices(tmp_path):
         two = compose("train", overrides=["logger=none", "trainer.accelerator=cpu", "trainer.devices=2",
                                           "trainer.strategy=ddp"])
         fixed = compose("train", overrides=["logger=none", "trainer.accelerator=cpu", "trainer.max_steps=123"])
+        accumulating = compose("train", overrides=["logger=none", "trainer.accelerator=cpu",
+                                                   "+trainer.accumulate_grad_batches=4"])
     trainer, _ = build_trainer(two, tmp_path / "a")
     assert trainer.world_size == 2 and trainer.max_steps == 8_000_000 // (8 * 2)
+    assert build_trainer(accumulating, tmp_path / "c")[0].max_steps == 8_000_000 // (8 * 4)  # optimiser steps
     assert build_trainer(fixed, tmp_path / "b")[0].max_steps == 123
 
 
@@ -453,3 +463,70 @@ def test_a_requeued_slurm_job_resumes_from_its_signal_checkpoint(tmp_path, monke
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = build_logger({"kind": "wandb", "project": "dkm", "name": "dkm base/v11"}, tmp_path)
     assert logger._id == "dkm_base_v11-4242"
+
+
+def test_checkpoints_follow_the_run_end_and_the_monitored_evaluation(tmp_path):
+    """``last.ckpt`` holds the final step also when the run ends between periodic saves; best-k
+    checkpoints are saved right after each evaluation of the monitored benchmark (never ranked by an
+    older one's score); a monitor that names no metric source fails before training, a metric the
+    benchmark does not report at its first evaluation; a benchmark run every epoch logs (and feeds
+    the best-k checkpoint) without Lightning's on_step error; bf16 mixed precision trains."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from dkm.lightning.train import train
+    from synthetic_benchmarks import make_hpatches
+
+    hp = make_hpatches(tmp_path / "hp", seqs=("v_a",), seed=3)
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    tiny = ["experiment=quickstart", "final_eval=null", "logger=none", "model.h=64", "model.w=96",
+            "trainer.max_time=null", "trainer.enable_progress_bar=false", "data.module.batch_size=2",
+            "data.module.samples_per_epoch=8", "log_images_every_n_steps=0"]
+    bench = ["callbacks=[hpatches]", f"callbacks.hpatches.data_root={hp}", "callbacks.hpatches.limit=2",
+             "callbacks.hpatches.num_log_pairs=0", "callbacks.hpatches.benchmark.num_samples=500"]
+
+    def run(name, *overrides):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("train", overrides=[*tiny, *overrides])
+        return train(cfg, tmp_path / name)
+
+    def step_of(path):
+        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+
+    res = run("a", "trainer.max_steps=5", "checkpoint.every_n_train_steps=2", "checkpoint.monitor=null")
+    assert step_of(res["last_ckpt"]) == 5 and res["best_ckpt"] is None
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["last.ckpt"]
+
+    res = run("b", *bench, "callbacks.hpatches.every_n_steps=2", "trainer.max_steps=5",
+              "checkpoint.every_n_train_steps=3", "checkpoint.monitor=hpatches/auc@5", "checkpoint.save_top_k=3")
+    best = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("best-*.ckpt"))
+    assert best == ["best-2.ckpt", "best-4.ckpt"] and step_of(res["last_ckpt"]) == 5  # steps of the evaluations
+    assert Path(res["best_ckpt"]).name in best
+
+    with pytest.raises(ValueError, match=r"no such metric source.*\['hpatches'\]"):
+        run("c", *bench, "trainer.max_steps=2", "checkpoint.monitor=hpatch/auc@5")
+    with pytest.raises(ValueError, match=r"hpatches reports .*hpatches/auc@5"):
+        run("d", *bench, "callbacks.hpatches.every_n_steps=1", "trainer.max_steps=2", "checkpoint.monitor=hpatches/auc5")
+
+    res = run("e", *bench, "callbacks.hpatches.every_n_steps=null", "callbacks.hpatches.every_n_epochs=1",
+              "trainer.max_steps=4", "checkpoint.monitor=hpatches/auc@5")  # 4 steps = one epoch
+    assert sorted(p.name for p in (tmp_path / "e" / "checkpoints").glob("best-*.ckpt")) == ["best-4.ckpt"]
+    assert (tmp_path / "e" / "benchmarks" / "hpatches" / "step00000004" / "metrics.json").exists()
+
+    res = run("f", "trainer.max_steps=2", "trainer.precision=bf16-mixed", "checkpoint.monitor=null")
+    assert res["trainer"].global_step == 2 and all(math.isfinite(v) for v in res["module"].loss_history)
+
+
+def test_benchmark_callback_runs_once_per_optimiser_step():
+    """With gradient accumulation a step spans several batches: the benchmark runs once per step."""
+    from types import SimpleNamespace
+
+    from dkm.lightning.callbacks import BenchmarkCallback
+
+    cb = BenchmarkCallback("b", benchmark=[0, 1, 2], every_n_steps=2)  # (anything with a length)
+    runs = []
+    cb.run = lambda trainer, module, **kw: runs.append(trainer.global_step)
+    for step in (1, 1, 2, 2, 3, 3, 4, 4):  # two batches per optimiser step
+        cb.on_train_batch_end(SimpleNamespace(global_step=step), None, None, None, 0)
+    assert runs == [2, 4]

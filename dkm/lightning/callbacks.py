@@ -42,6 +42,8 @@ class BenchmarkCallback(pl.Callback):
         self.num_log_pairs, self.timeout_s = num_log_pairs, timeout_s
         self.last_metrics: dict = {}
         self.last_records: list[dict] = []
+        self.monitor: str | None = None  # the checkpoint's monitor, if it is one of this callback's metrics
+        self._last_step: int | None = None  # (with gradient accumulation a step spans several batches)
 
     def setup(self, trainer, pl_module, stage):
         object_group(self.timeout_s)  # collective: create the gathering group on every rank up front
@@ -52,15 +54,16 @@ class BenchmarkCallback(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
             self.run(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self.run(trainer, pl_module)
+            self.run(trainer, pl_module, at_epoch_end=True)
 
     @torch.no_grad()
-    def run(self, trainer, pl_module, log_to_module: bool = True) -> dict:
+    def run(self, trainer, pl_module, log_to_module: bool = True, at_epoch_end: bool = False) -> dict:
         model = pl_module.model
         rank, world = trainer.global_rank, trainer.world_size
         mine = shard(self.indices, rank, world)
@@ -68,9 +71,12 @@ class BenchmarkCallback(pl.Callback):
         records = gather_records(records, group=object_group(self.timeout_s) if world > 1 else None)
         metrics = self.benchmark.compute_metrics(records)
         self.last_metrics, self.last_records = metrics, records
+        if self.monitor and self.monitor.removeprefix(self.name + "/") not in metrics:
+            raise ValueError(f"checkpoint.monitor={self.monitor}: {self.name} reports "
+                             f"{sorted(self.name + '/' + k for k in metrics)}")
         for k, v in metrics.items() if log_to_module else ():  # for callbacks (ModelCheckpoint's monitor)
-            pl_module.log(f"{self.name}/{k}", float(v), on_step=True, on_epoch=False, sync_dist=False,
-                          batch_size=1, logger=False)
+            pl_module.log(f"{self.name}/{k}", float(v), on_step=not at_epoch_end, on_epoch=at_epoch_end,
+                          sync_dist=False, batch_size=1, logger=False)
         if rank == 0:
             if trainer.logger is not None:  # straight to the logger, at this step (self.log
                 # would reach it only on trainer.log_every_n_steps boundaries, and repeat it there later)

@@ -37,7 +37,8 @@ class DKMLightningModule(pl.LightningModule):
         self.optim = dict(optim)
         self.log_images_every_n_steps = log_images_every_n_steps
         self._t_last = None
-        self.loss_history: list[torch.Tensor] = []  # per-step training loss (detached), for reports
+        self.loss_history: list[float] = []  # per-batch training loss, for reports
+        self._last_image_step: int | None = None
         self.ema_decay, self.loss_ema = 0.99, None
         self._reset_lr_on_start = False  # set when a checkpoint is loaded (on_load_checkpoint)
 
@@ -56,20 +57,22 @@ class DKMLightningModule(pl.LightningModule):
             if ce_weight is not None:
                 self.loss.ce_weight = default
         b = batch["query"].shape[0]
-        self.loss_history.append(total.detach())
+        value = float(total.detach())
+        self.loss_history.append(value)
         self.log("train/loss", total, prog_bar=True, batch_size=b, on_step=True, on_epoch=True, sync_dist=True)
         # a smoothed training loss (EMA, half-life ~70 steps): a steadier "best" than the raw loss when no
         # benchmark callback is configured (the quickstart monitors it)
-        value = float(total.detach())
         self.loss_ema = value if self.loss_ema is None else self.ema_decay * self.loss_ema + (1 - self.ema_decay) * value
         self.log("train/loss_ema", self.loss_ema, batch_size=b, on_step=True, on_epoch=False, sync_dist=True)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=b, on_step=True, on_epoch=False)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, batch_size=b, on_step=True, on_epoch=False,
+                      sync_dist=True)
         now = time.perf_counter()
         if self._t_last is not None:
             self.log("train/pairs_per_s", b * self.trainer.world_size / (now - self._t_last), batch_size=b)
         self._t_last = now
         if self.log_images_every_n_steps and self.global_step % self.log_images_every_n_steps == 0 \
-                and self.global_rank == 0:
+                and self.global_rank == 0 and self.global_step != self._last_image_step:
+            self._last_image_step = self.global_step  # (gradient accumulation: several batches per step)
             self._log_warp_image(batch, out)
         return total
 

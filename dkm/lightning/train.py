@@ -34,30 +34,85 @@ def world_size(trainer_kwargs: dict) -> int:
     return probe.world_size
 
 
-def training_steps(total_pairs: int, batch_size: int, world: int) -> int:
-    """Steps that show ``total_pairs`` pairs at ``batch_size`` pairs per device on ``world`` devices
-    (the recipe: ``32 * 250000 // (8 * gpus)``)."""
-    return max(1, int(total_pairs) // (int(batch_size) * int(world)))
+def training_steps(total_pairs: int, batch_size: int, world: int, accumulate: int = 1) -> int:
+    """Optimiser steps that show ``total_pairs`` pairs at ``batch_size`` pairs per device and batch on
+    ``world`` devices, ``accumulate`` batches per step (the recipe: ``32 * 250000 // (8 * gpus)``)."""
+    return max(1, int(total_pairs) // (int(batch_size) * int(world) * int(accumulate)))
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[pl.Trainer, ModelCheckpoint]:
+class FinalCheckpoint(pl.Callback):
+    """Writes ``last.ckpt`` when training ends after the newest checkpoint (``max_steps`` or
+    ``max_time`` between two periodic saves): ModelCheckpoint's ``save_last`` covers only a run that
+    saved none, and would leave ``last.ckpt`` at the last periodic save."""
+
+    def __init__(self, path: Path):
+        self.path, self.saved_step = Path(path), None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.saved_step = trainer.global_step
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.saved_step is not None and self.saved_step != trainer.global_step:  # (None: ModelCheckpoint's)
+            trainer.save_checkpoint(self.path)  # on every rank (rank 0 writes)
+
+
+def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> list[pl.Callback]:
+    """The checkpoint callbacks for ``cfg.checkpoint`` (``every_n_train_steps``, ``monitor``, ``mode``,
+    ``save_top_k``; further keys go to the best-k callback): ``last.ckpt`` every ``every_n_train_steps``
+    steps and at the end of training, and with a ``monitor`` the ``save_top_k`` best checkpoints, saved
+    right after each evaluation that produces the monitored value (a benchmark callback's
+    ``<name>/<metric>``, or a ``train/...`` metric every ``every_n_train_steps``) so that none is ranked
+    by an older evaluation's score. An unknown monitor fails here, before training."""
+    ck = dict(ck)
+    every, monitor = ck.pop("every_n_train_steps", None), ck.pop("monitor", None)
+    mode, top_k = ck.pop("mode", "max"), ck.pop("save_top_k", 1)
+    out = [ModelCheckpoint(dirpath=str(dirpath), every_n_train_steps=every, save_top_k=0, save_last=True),
+           FinalCheckpoint(dirpath / "last.ckpt")]
+    if not monitor:
+        return out
+    by_name = {b.name: b for b in benchmarks}
+    prefix = monitor.split("/", 1)[0]
+    if prefix == "train":
+        when = {"every_n_train_steps": every}
+    elif prefix in by_name:
+        bench = by_name[prefix]
+        bench.monitor = monitor  # checked against its metrics at its first evaluation
+        if bench.every_n_steps:
+            when = {"every_n_train_steps": bench.every_n_steps}
+        elif bench.every_n_epochs:
+            when = {"every_n_epochs": bench.every_n_epochs}
+        else:
+            raise ValueError(f"checkpoint.monitor={monitor}: callback {prefix} runs only at start; "
+                             f"set callbacks.{prefix}.every_n_steps")
+    else:
+        raise ValueError(f"checkpoint.monitor={monitor}: no such metric source; expected train/<metric> or "
+                         f"<callback>/<metric> with a callback of {sorted(by_name) or 'none (callbacks=[...])'}")
+    out.append(ModelCheckpoint(dirpath=str(dirpath), monitor=monitor, mode=mode, save_top_k=top_k,
+                               filename="best-{step}", auto_insert_metric_name=False, **when, **ck))
+    return out
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[pl.Trainer, ModelCheckpoint | None]:
+    """The Trainer and the best-k ModelCheckpoint (None without ``checkpoint.monitor``)."""
     ck = OmegaConf.to_container(cfg.checkpoint, resolve=True)
-    checkpoint = ModelCheckpoint(dirpath=str(out_dir / "checkpoints"), save_last=True, **ck)
+    benchmarks = [c for c in extra_callbacks if hasattr(c, "benchmark")]
+    checkpoints = build_checkpoints(ck, out_dir / "checkpoints", benchmarks)
+    best = checkpoints[2] if len(checkpoints) > 2 else None
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
-    callbacks = [checkpoint, *extra_callbacks]
+    callbacks = [*checkpoints, *extra_callbacks]
     if logger is not None:  # (logger=none: LearningRateMonitor refuses a Trainer without a logger)
-        callbacks.insert(1, LearningRateMonitor(logging_interval="step"))
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_kwargs.get("max_steps") is None:
         if cfg.get("total_pairs") is None:
             raise ValueError("set trainer.max_steps or total_pairs (the LR milestones are fractions of the steps)")
-        world = world_size(trainer_kwargs)
-        trainer_kwargs["max_steps"] = training_steps(cfg.total_pairs, cfg.data.module.batch_size, world)
-        log.info("trainer.max_steps = %d: total_pairs %d / (%d pairs per device x %d devices)",
-                 trainer_kwargs["max_steps"], cfg.total_pairs, cfg.data.module.batch_size, world)
+        world, accumulate = world_size(trainer_kwargs), int(trainer_kwargs.get("accumulate_grad_batches") or 1)
+        trainer_kwargs["max_steps"] = training_steps(cfg.total_pairs, cfg.data.module.batch_size, world, accumulate)
+        log.info("trainer.max_steps = %d: total_pairs %d / (%d pairs per device x %d devices x %d batches per step)",
+                 trainer_kwargs["max_steps"], cfg.total_pairs, cfg.data.module.batch_size, world, accumulate)
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger if logger is not None else False,
                          callbacks=callbacks, plugins=[AtomicCheckpointIO()], **trainer_kwargs)
-    return trainer, checkpoint
+    return trainer, best
 
 
 def resume_path(out_dir: Path, ckpt_path: str | None) -> str | None:
@@ -86,10 +141,9 @@ def train(cfg: DictConfig, out_dir) -> dict:
                                 OmegaConf.to_container(cfg.loss, resolve=True),
                                 OmegaConf.to_container(cfg.optim, resolve=True),
                                 log_images_every_n_steps=cfg.log_images_every_n_steps)
-    trainer, checkpoint = build_trainer(cfg, out_dir, bench_callbacks)
+    trainer, best = build_trainer(cfg, out_dir, bench_callbacks)
     if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(out_dir, cfg.ckpt_path))
-    last = Path(checkpoint.dirpath) / "last.ckpt"
-    return {"module": module, "trainer": trainer, "last_ckpt": last,
-            "best_ckpt": checkpoint.best_model_path or None, "out_dir": out_dir}
+    return {"module": module, "trainer": trainer, "last_ckpt": out_dir / "checkpoints" / "last.ckpt",
+            "best_ckpt": (best.best_model_path or None) if best is not None else None, "out_dir": out_dir}

@@ -1,6 +1,7 @@
 """What the current machine can do fast (used to warn about, and to benchmark, reduced precision)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 from pathlib import Path
@@ -86,10 +87,11 @@ def reduced_precision_support(device: torch.device | str, dtype: torch.dtype) ->
 
 
 def autocast_to(device: torch.device | str, dtype: torch.dtype | None):
-    """``torch.autocast`` to ``dtype`` on ``device``; a no-op for ``None``/float32/float64."""
-    device = torch.device(device)
-    enabled = dtype is not None and dtype not in (torch.float32, torch.float64)
-    return torch.autocast(device.type, dtype=dtype if enabled else None, enabled=enabled)
+    """``torch.autocast`` to ``dtype`` on ``device``; for ``None``/float32/float64 a no-op that leaves
+    an enclosing autocast (e.g. Lightning's mixed-precision training) in force."""
+    if dtype is None or dtype in (torch.float32, torch.float64):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def cpu_description() -> str:
