@@ -168,6 +168,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
                             index=not merging)  # a missing or incomplete dataset fails here, early
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ckpt, ckpt_hash, device, resolution, upsample_res = cfg.ckpt, None, None, None, None
+    notes: list[str] = []  # how the dataset differs from the published benchmark (e.g. missing sequences)
     if merging:
         meta = load_run_metadata(cfg.merge)
         if meta["benchmark"] not in (None, bench.name):
@@ -213,7 +214,8 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             model.inference_dtype = DTYPES[cfg.dtype]
             model.inference_precision_scope = cfg.get("precision_scope", "refiners")
         resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
-        for note in bench.completeness_warnings():
+        notes = bench.completeness_warnings()
+        for note in notes:
             log.warning(note)
         log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
                  model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
@@ -233,6 +235,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         "dtype": cfg.dtype,
         "precision_scope": cfg.get("precision_scope", "refiners"),
         "limit": cfg.limit,
+        "dataset_warnings": notes,
         "subset": OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset"),
         "shard": cfg.get("shard"),
         "merged_from": [str(d) for d in cfg.merge] if cfg.get("merge") else None,

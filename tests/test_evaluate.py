@@ -63,6 +63,7 @@ def test_shards_merge_to_the_full_run(tiny_hpatches, tmp_path):
         assert res["protocol"]["num_samples"] == 20000 and res["protocol"]["effective_resolution"] is None
         assert res["protocol"]["data_root"] == str(tiny_hpatches)  # the root used, not the config default
         assert res["model"]["arch"] == "sift" and res["checkpoint_sha256"] is None
+        assert "1 of 59 v_" in res["dataset_warnings"][0]  # a one-sequence HPatches tree, noted
 
 
 def test_merge_refuses_shards_of_other_protocols_or_seeds(tiny_hpatches, tmp_path):
