@@ -127,6 +127,7 @@ def load_run_metadata(run_dirs) -> dict:
             raise ValueError(f"merge: the runs differ in {key!r} ({sorted(values)[:3]}); merge runs of one model, "
                              "one benchmark protocol and one seed only")
         out[key] = metas[0].get(key)
+    out["dataset_warnings"] = sorted({w for m in metas for w in m.get("dataset_warnings") or []})
     return out
 
 
@@ -182,6 +183,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             raise ValueError(f"merge: the runs used seed={meta['seed']}, this command seed={cfg.seed}")
         num_listed = int(meta["num_pairs_in_benchmark"])
         model_cfg, ckpt, ckpt_hash = meta["model"], meta["checkpoint"], meta["checkpoint_sha256"]
+        notes = meta["dataset_warnings"]
         indices = select_indices(num_listed if cfg.limit is None else min(num_listed, int(cfg.limit)),
                                  cfg.get("subset"), cfg.get("shard"))
         wanted = set(indices)

@@ -50,6 +50,7 @@ def test_shards_merge_to_the_full_run(tiny_hpatches, tmp_path):
     result = json.loads((tmp_path / "merged" / "metrics.json").read_text())
     assert result["metrics"]["num_pairs"] == 5 and len(result["merged_from"]) == 3
     assert result["model"]["arch"] == "sift" and result["num_pairs_in_benchmark"] == 5  # from the shards
+    assert len(result["dataset_warnings"]) == 1 and "1 of 59 v_" in result["dataset_warnings"][0]
     # merging reads no dataset: the shards' records and metrics.json are enough
     elsewhere = evaluate_benchmark(cfg_for(*common[:-2], f"data_root={tmp_path / 'gone'}", "progress=false",
                                            f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"), tmp_path / "merged2")
