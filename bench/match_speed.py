@@ -3,8 +3,8 @@
 Each variant runs in a fresh subprocess (so peak resident memory is that of a process doing the
 match), with the same synthetic weights (the parity-fixture recipe; the official weights are not
 needed to measure speed), the same image pair and the same thread count. Prints median wall times,
-peak memory, the ratios fast/faithful and the largest deviation of each fast variant from the
-faithful output.
+peak memory, the ratios against the faithful path (time: faithful / variant, a speed-up; memory:
+variant / faithful) and the largest deviation of each fast variant from the faithful output.
 
     python bench/match_speed.py                    # CPU, 2 threads, dkm_base at 384x512
     python bench/match_speed.py --repeats 5 --batches 1 2 4
@@ -312,7 +312,7 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
     print(f"\nmatch() on {arch} at {h}x{w}, {where}, {args.threads} threads, malloc {args.malloc}, "
           f"median of {args.repeats} repeats x {args.rounds} round(s) (pair: astronaut + homography, synthetic weights; "
           f"fast_lowp*: {lowp_dtype_name(args)})")
-    print(f"{'variant':<16} {'s/match':>8} {'faults/match':>12} {'vs faithful':>11} {'peak MiB':>9} {'vs faithful':>11} "
+    print(f"{'variant':<16} {'s/match':>8} {'faults/match':>12} {'speed-up':>11} {'peak MiB':>9} {'vs faithful':>11} "
           f"{'match MiB':>9} {'vs faithful':>11} {'max dflow px':>12} {'p99 dflow px':>12} {'max dcert':>9}")
     for v, r in results.items():
         base = "faithful_cc" if v.endswith("_cc") else "faithful"
@@ -395,6 +395,15 @@ def main() -> None:
         args.arch = args.arch[0]
         return worker(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from dkm.models.zoo import ARCHITECTURES
+
+    unknown = [a for a in args.arch if a not in ARCHITECTURES]
+    if unknown:
+        p.error(f"--arch {' '.join(unknown)}: expected architectures of the zoo: {' '.join(sorted(ARCHITECTURES))}")
+    args.batches = sorted({1, *args.batches})  # the main table is of single matches
+    inherited = sorted(k for k in os.environ if k.startswith("MALLOC_"))
+    if args.malloc == "default" and inherited:
+        log.warning("--malloc default, but this shell sets %s: the workers inherit it", ", ".join(inherited))
     if args.release_code:
         args.release_code = str(Path(args.release_code).expanduser().resolve())
         if not (Path(args.release_code) / "dkm" / "models" / "build_model.py").is_file():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .evaluation import DTYPES, resolve_device
+from .evaluation import DTYPES, model_config_for, resolve_device
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import ARCHITECTURES, build_model
 from .utils.image import load_image, pil_to_tensor
@@ -70,11 +70,12 @@ def main(argv=None) -> dict:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("im_A")
     p.add_argument("im_B")
-    p.add_argument("--arch", default="dkm_base", choices=sorted(ARCHITECTURES))
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES),
+                   help="default: dkm_base, or the architecture a Lightning .ckpt of train.py was trained with")
     p.add_argument("--weights", help="a checkpoint: the official .pth or a Lightning .ckpt of train.py")
     p.add_argument("--pretrained", action="store_true", help="download the official checkpoint (torch.hub cache)")
-    p.add_argument("--h", type=int, help="internal height (default: the architecture's)")
-    p.add_argument("--w", type=int, help="internal width (default: the architecture's)")
+    p.add_argument("--h", type=int, help="internal height (default: the architecture's or the .ckpt's)")
+    p.add_argument("--w", type=int, help="internal width (default: the architecture's or the .ckpt's)")
     p.add_argument("--num", type=int, default=5000, help="matches to sample")
     p.add_argument("--lines", type=int, default=300, help="matches drawn in matches.png")
     p.add_argument("--center", type=float, default=0.5,
@@ -88,9 +89,14 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.weights and not args.pretrained:
         p.error("give --weights <checkpoint> or --pretrained (an untrained DKM matches nothing)")
-    cfg = {"arch": args.arch, "weights": args.weights, "pretrained": args.pretrained and not args.weights}
-    cfg |= {k: v for k, v in (("h", args.h), ("w", args.w)) if v is not None}
+    for im in (args.im_A, args.im_B):  # before the model is built
+        if not Path(im).is_file():
+            p.error(f"image file not found: {im}")
+    cfg = {"arch": args.arch or "dkm_base", "weights": args.weights, "pretrained": args.pretrained and not args.weights}
     try:
+        if args.weights and Path(args.weights).is_file():  # a .ckpt of train.py knows its architecture
+            cfg = model_config_for(cfg, args.weights)
+        cfg |= {k: v for k, v in (("h", args.h), ("w", args.w)) if v is not None}
         model = build_model(cfg).to(resolve_device(args.device)).eval()
     except (OSError, RuntimeError, ValueError) as e:  # offline download, unreadable or mismatched checkpoint
         p.exit(2, f"{p.prog}: error: {e}\n")
@@ -98,7 +104,7 @@ def main(argv=None) -> dict:
                         dtype=DTYPES[args.dtype], precision_scope=args.precision_scope)
     out = Path(args.out or Path("outputs") / "demo" / f"{Path(args.im_A).stem}-{Path(args.im_B).stem}")
     paths = save_pictures(result, out, max_lines=args.lines, seed=args.seed, center=args.center)
-    log.info("%d matches sampled (of %d pixels with certainty > 0); wrote %s", len(result["kpts_A"]),
+    log.info("%d matches sampled (of %d dense matches with certainty > 0); wrote %s", len(result["kpts_A"]),
              int((result["certainty"] > 0).sum()), ", ".join(str(v) for v in paths.values()))
     return paths
 

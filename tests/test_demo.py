@@ -78,3 +78,18 @@ def test_symmetric_warps_are_drawn_from_their_first_half(tmp_path):
     assert panel.shape == (8, 4 * 12, 3)
     # identity warp with certainty 1: the pulled-back B equals A (up to bilinear sampling at pixel centres)
     assert np.abs(panel[:, 24:36] - panel[:, :12]).max() <= 1
+
+
+def test_demo_builds_a_train_py_checkpoint_as_trained(pair, tmp_path, capsys):
+    """A Lightning ``.ckpt`` of train.py carries its model config: the demo builds that architecture
+    at that resolution without --arch/--h/--w; a missing image fails before any model is built."""
+    sd = torch.load(pair / "small.pth", weights_only=True)
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()},
+                "hyper_parameters": {"model": {"arch": "dkm_small", "h": 64, "w": 96}}}, ckpt)
+    paths = main([str(pair / "a.png"), str(pair / "b.jpg"), "--weights", str(ckpt), "--num", "50",
+                  "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert np.asarray(Image.open(paths["warp"])).shape == (64, 4 * 96, 3)
+    with pytest.raises(SystemExit):
+        main([str(pair / "missing.png"), str(pair / "b.jpg"), "--weights", str(ckpt)])
+    assert "image file not found" in capsys.readouterr().err

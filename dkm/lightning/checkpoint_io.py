@@ -37,7 +37,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def export_weights(ckpt_path, out_path) -> dict:
     """Lightning ``.ckpt`` -> the upstream ``.pth`` layout (the model's state_dict, keys without the
     ``model.`` prefix), loadable by ``dkm_base(weights=...)`` and ``evaluate.py ckpt=...``."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # (train.py's checkpoints need no pickle)
     sd = ckpt.get("state_dict")
     if sd is None:
         raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no 'state_dict')")

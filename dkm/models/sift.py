@@ -23,19 +23,22 @@ class SiftMatcher:
     def __init__(self, num_features: int = 8000, ratio: float = 0.8, mutual: bool = True, max_size: int | None = 1600,
                  h: int | None = None, w: int | None = None):
         self.num_features, self.ratio, self.mutual, self.max_size = num_features, ratio, mutual, max_size
-        self.sift = cv2.SIFT_create(nfeatures=num_features)
+        # precise upscaling: keypoints on OpenCV's integer pixel centres (its default shifts them by 0.25 px)
+        self.sift = cv2.SIFT_create(nfeatures=num_features, enable_precise_upscale=True)
 
     def _detect(self, im):
         gray = np.asarray(load_image(im).convert("L"))
         h, w = gray.shape
-        s = 1.0
+        scale = np.ones(2)
         if self.max_size and max(h, w) > self.max_size:
             s = self.max_size / max(h, w)
-            gray = cv2.resize(gray, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+            size = (max(1, round(w * s)), max(1, round(h * s)))
+            gray = cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+            scale = np.array(size, dtype=np.float64) / (w, h)  # per axis: each side is rounded on its own
         kps, desc = self.sift.detectAndCompute(gray, None)
         pts = np.array([k.pt for k in kps], dtype=np.float64).reshape(-1, 2)
         # OpenCV puts pixel centres on integers; map back to full-resolution pixels
-        pts = (pts + 0.5) / s - 0.5
+        pts = (pts + 0.5) / scale - 0.5
         return pts, desc, (h, w)
 
     def match_sparse(self, im1, im2):
