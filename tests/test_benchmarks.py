@@ -346,3 +346,20 @@ def test_check_reports_truncated_files_and_an_incomplete_hpatches_tree(tmp_path,
     with caplog.at_level(logging.WARNING):
         assert check_tree("hpatches", hp) == (10, [])
     assert "1 of 57 i_, 1 of 59 v_ sequences of the release" in caplog.text
+
+
+def test_sift_keypoints_are_at_opencv_pixel_centres_also_after_downscaling():
+    """SIFT finds a Gaussian blob centred on pixel (60, 50) at (60, 50) (integer pixel centres, as the
+    baseline declares with center=0.0; OpenCV's default upscaling would put it 0.25 px off), and, in
+    an image downscaled for detection with each side rounded on its own, maps it back per axis."""
+    from dkm.models.sift import SiftMatcher
+
+    def blob(w, h, cx, cy, r):
+        yy, xx = np.mgrid[0:h, 0:w]
+        return Image.fromarray((255 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))).astype(np.uint8))
+
+    for matcher, im, at, tol in ((SiftMatcher(max_size=None), blob(120, 100, 60, 50, 6), (60, 50), 0.01),
+                                 (SiftMatcher(max_size=800), blob(1601, 1203, 1400, 1100, 12), (1400, 1100), 0.1)):
+        pts = matcher._detect(im.convert("RGB"))[0]
+        nearest = pts[np.argmin(np.linalg.norm(pts - at, axis=1))]
+        np.testing.assert_allclose(nearest, at, atol=tol)
