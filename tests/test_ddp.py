@@ -61,8 +61,8 @@ def test_benchmark_callback_same_metrics_on_one_and_two_ranks(tmp_path):
 
 
 def test_ddp_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    """Two ranks, epochs of 4 steps: 6 steps at once vs 3 steps, then resumed to 6 (across the epoch
-    boundary). Training is deterministic on CPU, so equal weights mean the resumed run trained on the
+    """Two ranks, epochs of 4 steps: 6 steps at once vs 3 steps (ended between two periodic saves),
+    then resumed to 6 (across the epoch boundary, no periodic save). Training is deterministic on CPU, so equal weights mean the resumed run trained on the
     same batches on every rank, with the same optimiser state. The legs stop by trainer.max_steps, so the
     LR milestones (fractions of it) are put beyond every leg: a constant LR in all three."""
     import torch
@@ -81,7 +81,7 @@ def test_ddp_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run
         return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
     whole = run(tmp_path / "whole", 6, 6)
-    first = run(tmp_path / "first", 3, 3)
+    first = run(tmp_path / "first", 3, 2)  # saves at step 2; last.ckpt at step 3 is written when training ends
     assert first["global_step"] == 3 and first["loops"]["fit_loop"]["state_dict"]["combined_loader"] == \
         [{"epoch": 0, "batches": 3}]
     resumed = run(tmp_path / "resumed", 6, 100, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
