@@ -498,11 +498,18 @@ def test_checkpoints_follow_the_run_end_and_the_monitored_evaluation(tmp_path):
     assert step_of(res["last_ckpt"]) == 5 and res["best_ckpt"] is None
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["last.ckpt"]
 
-    res = run("b", *bench, "callbacks.hpatches.every_n_steps=2", "trainer.max_steps=5",
+    res = run("b", *bench, "callbacks.hpatches.every_n_steps=2", "trainer.max_steps=4",
               "checkpoint.every_n_train_steps=3", "checkpoint.monitor=hpatches/auc@5", "checkpoint.save_top_k=3")
     best = sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("best-*.ckpt"))
-    assert best == ["best-2.ckpt", "best-4.ckpt"] and step_of(res["last_ckpt"]) == 5  # steps of the evaluations
-    assert Path(res["best_ckpt"]).name in best
+    assert best == ["best-2.ckpt", "best-4.ckpt"] and Path(res["best_ckpt"]).name in best  # at the evaluations
+    assert step_of(res["last_ckpt"]) == 4  # also rewritten at the end when a best-k save took the final step
+
+    # resumed in the same directory (a SLURM requeue) with checkpoint settings whose callback state does
+    # not match the checkpoint's: last.ckpt is still the one rewritten (no last-v1.ckpt next to a stale one)
+    run("g", "trainer.max_steps=2", "checkpoint.every_n_train_steps=1", "checkpoint.monitor=train/loss_ema")
+    res = run("g", "trainer.max_steps=4", "checkpoint.every_n_train_steps=3", "checkpoint.monitor=null",
+              f"ckpt_path={tmp_path / 'g' / 'checkpoints' / 'last.ckpt'}")
+    assert step_of(res["last_ckpt"]) == 4 and not list((tmp_path / "g" / "checkpoints").glob("last-v*.ckpt"))
 
     with pytest.raises(ValueError, match=r"no such metric source.*\['hpatches'\]"):
         run("c", *bench, "trainer.max_steps=2", "checkpoint.monitor=hpatch/auc@5")

@@ -40,20 +40,20 @@ def training_steps(total_pairs: int, batch_size: int, world: int, accumulate: in
     return max(1, int(total_pairs) // (int(batch_size) * int(world) * int(accumulate)))
 
 
-class FinalCheckpoint(pl.Callback):
-    """Writes ``last.ckpt`` when training ends after the newest checkpoint (``max_steps`` or
-    ``max_time`` between two periodic saves): ModelCheckpoint's ``save_last`` covers only a run that
-    saved none, and would leave ``last.ckpt`` at the last periodic save."""
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` only (no top-k), every ``every_n_train_steps`` steps and when training ends after
+    its newest save (``max_steps`` or ``max_time`` between two saves; another checkpoint written at the
+    final step, e.g. a best-k one, does not count): Lightning's ``save_last`` at the end covers only a
+    run that saved none. Overwrites ``last.ckpt`` also when resuming a checkpoint whose callback state
+    it does not match (no ``last-v1.ckpt``)."""
 
-    def __init__(self, path: Path):
-        self.path, self.saved_step = Path(path), None
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self.saved_step = trainer.global_step
+    def __init__(self, dirpath: Path, every_n_train_steps: int | None, mode: str = "max"):
+        super().__init__(dirpath=str(dirpath), every_n_train_steps=every_n_train_steps, save_top_k=0,
+                         save_last=True, mode=mode, enable_version_counter=False)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.saved_step is not None and self.saved_step != trainer.global_step:  # (None: ModelCheckpoint's)
-            trainer.save_checkpoint(self.path)  # on every rank (rank 0 writes)
+        if self._last_global_step_saved != trainer.global_step:  # (Lightning's bookkeeping of this callback)
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # every rank; rank 0 writes
 
 
 def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> list[pl.Callback]:
@@ -62,12 +62,11 @@ def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> list[pl.Callbac
     steps and at the end of training, and with a ``monitor`` the ``save_top_k`` best checkpoints, saved
     right after each evaluation that produces the monitored value (a benchmark callback's
     ``<name>/<metric>``, or a ``train/...`` metric every ``every_n_train_steps``) so that none is ranked
-    by an older evaluation's score. An unknown monitor fails here, before training."""
+    by an older evaluation's score. A monitor naming no configured callback fails here, before training."""
     ck = dict(ck)
     every, monitor = ck.pop("every_n_train_steps", None), ck.pop("monitor", None)
     mode, top_k = ck.pop("mode", "max"), ck.pop("save_top_k", 1)
-    out = [ModelCheckpoint(dirpath=str(dirpath), every_n_train_steps=every, save_top_k=0, save_last=True),
-           FinalCheckpoint(dirpath / "last.ckpt")]
+    out = [LastCheckpoint(dirpath, every, mode)]
     if not monitor:
         return out
     by_name = {b.name: b for b in benchmarks}
@@ -97,7 +96,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[p
     ck = OmegaConf.to_container(cfg.checkpoint, resolve=True)
     benchmarks = [c for c in extra_callbacks if hasattr(c, "benchmark")]
     checkpoints = build_checkpoints(ck, out_dir / "checkpoints", benchmarks)
-    best = checkpoints[2] if len(checkpoints) > 2 else None
+    best = checkpoints[1] if len(checkpoints) > 1 else None
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
     callbacks = [*checkpoints, *extra_callbacks]
     if logger is not None:  # (logger=none: LearningRateMonitor refuses a Trainer without a logger)
