@@ -6,7 +6,17 @@
 fetch() {
   local url="$1" dest="$2" sha="${3:-}"
   [ -f "$dest" ] && return 0
-  if ! curl -L --fail --retry 3 -C - -o "$dest.part" "$url"; then
+  local rc=0
+  curl -L --fail --retry 3 -C - -o "$dest.part" "$url" || rc=$?
+  if [ "$rc" = 33 ]; then  # the server does not resume: start over
+    rm -f "$dest.part"
+    rc=0
+    curl -L --fail --retry 3 -o "$dest.part" "$url" || rc=$?
+  fi
+  if [ "$rc" != 0 ] && [ -s "$dest.part" ] && [ -n "$sha" ] && echo "$sha  $dest.part" | sha256sum --check --status; then
+    rc=0  # already complete (the server refuses to resume past the end: HTTP 416)
+  fi
+  if [ "$rc" != 0 ]; then
     if [ -s "$dest.part" ]; then
       echo "download failed: $url (partial file kept as $dest.part: run the script again to resume," \
            "or delete it to start over)" >&2

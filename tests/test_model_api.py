@@ -1,6 +1,7 @@
 """match()/sample()/weights-loading behaviour of the public API, on a small random model."""
 from __future__ import annotations
 
+import copy
 import pathlib
 import platform
 import urllib.error
@@ -141,6 +142,12 @@ def test_match_takes_any_float_dtype_and_refuses_normalized_tensors(small, rgb):
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     with pytest.raises(ValueError, match="im1 has values in .*ImageNet-normalized"):
         small.match((x - mean) / std, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's autocast: match() stays float32
+        w_ac, c_ac = small.match(x, y)
+    assert torch.equal(w_ac, w32) and torch.equal(c_ac, c32)
+    double = copy.deepcopy(small).double()  # a float64 model takes float64 (and float32) images
+    w_d, _ = double.match(x.double(), y.double())
+    assert w_d.dtype == torch.float64 and (w_d - w32.double()).abs().max() < 1e-3
     w_dev, _ = small.match(x, y, device="cpu")
     assert torch.equal(w_dev, w32)
     with pytest.raises(ValueError, match="model is on cpu"):

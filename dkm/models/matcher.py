@@ -1,6 +1,7 @@
 """RegressionMatcher: the DKM model (encoder + decoder) and its user-facing ``match``/``sample``."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -17,6 +18,15 @@ log = logging.getLogger(__name__)
 
 #: what ``match(dtype=...)`` runs in reduced precision (see :meth:`RegressionMatcher.match`)
 PRECISION_SCOPES = ("refiners", "network")
+
+
+def _no_enclosing_autocast(device: torch.device):
+    """Switches off an autocast the caller may have entered on ``device``'s type (inner
+    ``torch.autocast`` regions, e.g. ``match(dtype=...)``'s, still apply)."""
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support: nothing to switch off
+        return contextlib.nullcontext()
 
 
 class _SampleMethod:
@@ -149,10 +159,12 @@ class RegressionMatcher(nn.Module):
         size = (self.h_resized, self.w_resized)
         if isinstance(im1, torch.Tensor) != isinstance(im2, torch.Tensor):
             raise TypeError("im1 and im2 must both be tensors or both be images/paths")
+        # images in the weights' precision: float32, or float64 for a model cast with .double()
+        dtype = torch.float64 if next(self.parameters()).dtype == torch.float64 else torch.float32
         if isinstance(im1, torch.Tensor):
             batched = im1.dim() == 4
-            x1 = check_image_tensor(im1, "im1").to(self.device)
-            x2 = check_image_tensor(im2, "im2").to(self.device)
+            x1 = check_image_tensor(im1, "im1").to(self.device, dtype)
+            x2 = check_image_tensor(im2, "im2").to(self.device, dtype)
             if x1.shape[0] != x2.shape[0]:
                 raise ValueError(f"im1 and im2 batch sizes differ: {x1.shape[0]} vs {x2.shape[0]}")
             query, support = normalize(resize_tensor(x1, size)), normalize(resize_tensor(x2, size))
@@ -161,10 +173,11 @@ class RegressionMatcher(nn.Module):
                         normalize(resize_tensor(x2, size) if size else x2))
             return query, support, full, batched
         p1, p2 = load_image(im1), load_image(im2)
-        query = pil_to_tensor(p1, size)[None].to(self.device)
-        support = pil_to_tensor(p2, size)[None].to(self.device)
+        query = pil_to_tensor(p1, size)[None].to(self.device, dtype)
+        support = pil_to_tensor(p2, size)[None].to(self.device, dtype)
         def full(size=None):  # from the original images (not from the resized ones), as the release
-            return pil_to_tensor(p1, size)[None].to(self.device), pil_to_tensor(p2, size)[None].to(self.device)
+            return (pil_to_tensor(p1, size)[None].to(self.device, dtype),
+                    pil_to_tensor(p2, size)[None].to(self.device, dtype))
         return query, support, full, False
 
     def _encode_fast(self, *images: torch.Tensor, max_stride: int = 32, dtype: torch.dtype | None = None) -> list[dict]:
@@ -366,6 +379,11 @@ class RegressionMatcher(nn.Module):
                 need = CPU_FAST_NEEDS[dtype] if self.device.type == "cpu" else "a GPU that supports it"
                 log.warning("match(dtype=%s): %s convolutions on this %s are %s float32 (faster ones need %s)",
                             dtype, dtype, self.device.type, how, need)
+        with _no_enclosing_autocast(self.device):  # precision is what dtype= says, also inside a user's autocast
+            return self._match(im1, im2, check_cycle_consistency, do_pred_in_og_res, fast, dtype, scope)
+
+    def _match(self, im1, im2, check_cycle_consistency, do_pred_in_og_res, fast, dtype, scope):
+        """:meth:`match` after its arguments are resolved."""
         was_training = self.training
         if self.version == "v3":
             if check_cycle_consistency or do_pred_in_og_res:

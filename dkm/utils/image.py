@@ -75,8 +75,8 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 def check_image_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
     """Validate a (B, 3, H, W) or (3, H, W) image tensor in [0, 1] (uint8 is scaled by 1/255; values
-    up to :data:`RANGE_TOLERANCE` outside [0, 1] are clamped) and return it as a float32
-    (B, 3, H, W) tensor."""
+    up to :data:`RANGE_TOLERANCE` outside [0, 1] are clamped) and return it as a float32 (or
+    float64) (B, 3, H, W) tensor."""
     if x.dim() == 3:
         x = x[None]
     if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -87,7 +87,7 @@ def check_image_tensor(x: torch.Tensor, name: str) -> torch.Tensor:
         x = x.float() / 255.0
     elif not x.is_floating_point():
         raise ValueError(f"{name} must be float in [0, 1] or uint8, got dtype {x.dtype}")
-    else:  # float64/float16/bfloat16 images: the network's inputs are float32 (autocast does the rest)
+    elif x.dtype not in (torch.float32, torch.float64):  # float16/bfloat16 images: in float32
         x = x.float()
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
