@@ -211,10 +211,10 @@ def _trainer(tmp_path, max_steps, extra=(), every_n_train_steps=1):
     the end) and atomic writes."""
     from dkm.lightning.train import build_checkpoints
 
-    ck = build_checkpoints({"every_n_train_steps": every_n_train_steps}, tmp_path / "ck")
+    last, _ = build_checkpoints({"every_n_train_steps": every_n_train_steps}, tmp_path / "ck")
     return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_progress_bar=False,
-                      callbacks=[*ck, *extra], plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
-                      enable_model_summary=False, default_root_dir=str(tmp_path)), ck[0]
+                      callbacks=[last, *extra], plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path)), last
 
 
 def test_lightning_fit_resume_and_export(tmp_path, recwarn):

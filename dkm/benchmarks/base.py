@@ -22,24 +22,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..geometry.coords import normalized_to_pixel
 
 log = logging.getLogger(__name__)
-
-
-def open_image(path) -> Image.Image:
-    """``PIL.Image.open(path)`` (lazy: pixels are read on first use); a file that is not a readable
-    image raises ``ValueError`` naming it (PIL's own message does not), a missing one
-    ``FileNotFoundError``."""
-    try:
-        return Image.open(path)
-    except FileNotFoundError:
-        raise
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from e
 
 
 class PairBenchmark(ABC):
@@ -122,13 +109,8 @@ class PairBenchmark(ABC):
     def check_pair(self, pair) -> None:
         """Read what evaluating ``pair`` reads from disk (at least its images); raise if anything is
         missing or unreadable (``python -m dkm.benchmarks.check``)."""
-        for im in self.pair_images(pair):
-            try:
-                im.load()
-            except (OSError, SyntaxError) as e:  # truncated or corrupt: PIL's message lacks the file
-                raise ValueError(f"{getattr(im, 'filename', '') or 'image'}: unreadable ({e})") from e
-            finally:
-                im.close()
+        for im in self.pair_images(pair):  # (opened by dkm.utils.image.load_image: errors name the file)
+            im.load()
 
     def completeness_warnings(self) -> list[str]:
         """How this tree differs from the published benchmark in ways its index files cannot show

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..geometry.pose import relative_pose
+from ..utils.image import load_image
 from ..utils.npz import load_arrays
-from .base import open_image
 from .relative_pose import RelativePoseBenchmark
 
 SCENE_INFOS = ("0015_0.1_0.3.npz", "0015_0.3_0.5.npz", "0022_0.1_0.3.npz", "0022_0.3_0.5.npz", "0022_0.5_0.7.npz")
@@ -54,7 +54,7 @@ class Megadepth1500Benchmark(RelativePoseBenchmark):
 
     def load_pair(self, pair):
         R, t = relative_pose(pair["T1"][:3, :3], pair["T1"][:3, 3], pair["T2"][:3, :3], pair["T2"][:3, 3])
-        return {"im1": open_image(self.data_root / pair["im1"]), "im2": open_image(self.data_root / pair["im2"]),
+        return {"im1": load_image(self.data_root / pair["im1"]), "im2": load_image(self.data_root / pair["im2"]),
                 "K1": pair["K1"], "K2": pair["K2"], "R": R, "t": t}
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..utils.image import load_image
 from ..utils.npz import load_arrays
-from .base import open_image
 from .relative_pose import RelativePoseBenchmark
 
 
@@ -48,7 +48,7 @@ class ScanNetBenchmark(RelativePoseBenchmark):
         (scene, sub, f1, f2), T = pair
         d = self.data_root / "scans_test" / f"scene{scene:04d}_{sub:02d}"
         K = read_intrinsic_txt(d / "intrinsic" / "intrinsic_color.txt")
-        return {"im1": open_image(d / "color" / f"{f1}.jpg"), "im2": open_image(d / "color" / f"{f2}.jpg"),
+        return {"im1": load_image(d / "color" / f"{f1}.jpg"), "im2": load_image(d / "color" / f"{f2}.jpg"),
                 "K1": K, "K2": K, "R": T[:, :3], "t": T[:, 3]}
 
     def benchmark_scannet(self, model) -> dict:

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 
 from ..geometry.pose import relative_pose, rotate_intrinsic
-from .base import open_image
+from ..utils.image import load_image
 from .relative_pose import RelativePoseBenchmark
 
 SCENES = ("buckingham_palace", "notre_dame_front_facade", "reichstag", "sacre_coeur")
@@ -81,8 +81,8 @@ class Yfcc100mBenchmark(RelativePoseBenchmark):
         K1, R1, t1, _ = read_calibration_h5(d / pair["calib1"])
         K2, R2, t2, _ = read_calibration_h5(d / pair["calib2"])
         R, t = relative_pose(R1, t1, R2, t2)
-        im1 = open_image(d / pair["im1"]).rotate(pair["rot1"] * 90, expand=True)
-        im2 = open_image(d / pair["im2"]).rotate(pair["rot2"] * 90, expand=True)
+        im1 = load_image(d / pair["im1"]).rotate(pair["rot1"] * 90, expand=True)
+        im2 = load_image(d / pair["im2"]).rotate(pair["rot2"] * 90, expand=True)
         return {"im1": im1, "im2": im2, "K1": rotate_intrinsic(K1, pair["rot1"]),
                 "K2": rotate_intrinsic(K2, pair["rot2"]), "R": R, "t": t}
 

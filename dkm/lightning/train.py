@@ -56,8 +56,8 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # every rank; rank 0 writes
 
 
-def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> list[pl.Callback]:
-    """The checkpoint callbacks for ``cfg.checkpoint`` (``every_n_train_steps``, ``monitor``, ``mode``,
+def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> tuple[LastCheckpoint, ModelCheckpoint | None]:
+    """The checkpoint callbacks ``(last, best or None)`` for ``cfg.checkpoint`` (``every_n_train_steps``, ``monitor``, ``mode``,
     ``save_top_k``; further keys go to the best-k callback): ``last.ckpt`` every ``every_n_train_steps``
     steps and at the end of training, and with a ``monitor`` the ``save_top_k`` best checkpoints, saved
     right after each evaluation that produces the monitored value (a benchmark callback's
@@ -66,9 +66,9 @@ def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> list[pl.Callbac
     ck = dict(ck)
     every, monitor = ck.pop("every_n_train_steps", None), ck.pop("monitor", None)
     mode, top_k = ck.pop("mode", "max"), ck.pop("save_top_k", 1)
-    out = [LastCheckpoint(dirpath, every, mode)]
+    last = LastCheckpoint(dirpath, every, mode)
     if not monitor:
-        return out
+        return last, None
     by_name = {b.name: b for b in benchmarks}
     prefix = monitor.split("/", 1)[0]
     if prefix == "train":
@@ -86,19 +86,17 @@ def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> list[pl.Callbac
     else:
         raise ValueError(f"checkpoint.monitor={monitor}: no such metric source; expected train/<metric> or "
                          f"<callback>/<metric> with a callback of {sorted(by_name) or 'none (callbacks=[...])'}")
-    out.append(ModelCheckpoint(dirpath=str(dirpath), monitor=monitor, mode=mode, save_top_k=top_k,
-                               filename="best-{step}", auto_insert_metric_name=False, **when, **ck))
-    return out
+    return last, ModelCheckpoint(dirpath=str(dirpath), monitor=monitor, mode=mode, save_top_k=top_k,
+                                 filename="best-{step}", auto_insert_metric_name=False, **when, **ck)
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[pl.Trainer, ModelCheckpoint | None]:
     """The Trainer and the best-k ModelCheckpoint (None without ``checkpoint.monitor``)."""
     ck = OmegaConf.to_container(cfg.checkpoint, resolve=True)
     benchmarks = [c for c in extra_callbacks if hasattr(c, "benchmark")]
-    checkpoints = build_checkpoints(ck, out_dir / "checkpoints", benchmarks)
-    best = checkpoints[1] if len(checkpoints) > 1 else None
+    last, best = build_checkpoints(ck, out_dir / "checkpoints", benchmarks)
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
-    callbacks = [*checkpoints, *extra_callbacks]
+    callbacks = [c for c in (last, best) if c is not None] + list(extra_callbacks)
     if logger is not None:  # (logger=none: LearningRateMonitor refuses a Trainer without a logger)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
