@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -72,7 +73,10 @@ def test_missing_or_corrupt_data_fails_with_paths(tmp_path):
     ds = build_megadepth(root, exclude_scenes=(), h=64, w=96)
     victim = root / ds.datasets[0].image_paths[0]
     victim.write_bytes(b"garbage")
-    with pytest.raises(OSError, match=str(victim.name)):
+    with pytest.raises(ValueError, match=re.escape(str(victim)) + " is not a readable image"):
+        ds[0]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"image file not found: {victim}")):
         ds[0]
     dm = DKMDataModule([{"kind": "scannet", "data_root": str(tmp_path / "nope")}], h=64, w=96)
     with pytest.raises(FileNotFoundError, match="scannet_indices"):

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..utils.npz import load_arrays
-from .pairs import make_depth_pair, open_image
+from ..utils.image import load_image
+from .pairs import make_depth_pair
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class MegadepthScene(Dataset):
         T_1to2 = T2 @ np.linalg.inv(T1)
         rng = np.random.default_rng([self.seed, self.epoch, i])
         out = make_depth_pair(
-            open_image(self.root / self.image_paths[a]), open_image(self.root / self.image_paths[b]),
+            load_image(self.root / self.image_paths[a]), load_image(self.root / self.image_paths[b]),
             read_depth_h5(self.root / self.depth_paths[a]), read_depth_h5(self.root / self.depth_paths[b]),
             self.intrinsics[a], self.intrinsics[b], T_1to2, self.h, self.w, self.shake_t, rng, self.rot_prob,
             self.depth_interpolation)

@@ -9,17 +9,6 @@ from PIL import Image
 from ..utils.image import pil_to_tensor
 
 
-def open_image(path) -> Image.Image:
-    """RGB image; a missing or corrupt file raises an error naming it."""
-    try:
-        with Image.open(path) as f:
-            return f.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"training image not found: {path}") from None
-    except Exception as e:
-        raise OSError(f"corrupt or unreadable training image {path}: {e}") from e
-
-
 DEPTH_INTERPOLATIONS = ("bilinear", "nearest")
 
 

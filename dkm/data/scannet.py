@@ -12,7 +12,8 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ..utils.npz import load_arrays
 from .megadepth import check_files
-from .pairs import make_depth_pair, open_image
+from ..utils.image import load_image
+from .pairs import make_depth_pair
 
 
 def read_depth_png(path) -> torch.Tensor:
@@ -78,7 +79,7 @@ class ScanNetScene(Dataset):
         w2c1 = np.linalg.inv(read_matrix(d / "pose" / f"{f1}.txt", (4, 4)))
         w2c2 = np.linalg.inv(read_matrix(d / "pose" / f"{f2}.txt", (4, 4)))
         rng = np.random.default_rng([self.seed, self.epoch, i])
-        out = make_depth_pair(open_image(d / "color" / f"{f1}.jpg"), open_image(d / "color" / f"{f2}.jpg"),
+        out = make_depth_pair(load_image(d / "color" / f"{f1}.jpg"), load_image(d / "color" / f"{f2}.jpg"),
                               read_depth_png(d / "depth" / f"{f1}.png"), read_depth_png(d / "depth" / f"{f2}.png"),
                               K, K, w2c2 @ np.linalg.inv(w2c1), self.h, self.w, self.shake_t, rng,
                               depth_interpolation=self.depth_interpolation)
