@@ -435,7 +435,8 @@ def test_scannet_keeps_every_tenth_frame_pair_whatever_its_score(tmp_path):
 def test_a_requeued_slurm_job_resumes_from_its_signal_checkpoint(tmp_path, monkeypatch, caplog):
     """In a SLURM job the run directory is named by the job id (the same for every task and across a
     requeue), train() resumes from the newest hpc_ckpt_<n>.ckpt Lightning wrote there on the requeue
-    signal, even if the command line names an older ckpt_path, and W&B continues the job's run."""
+    signal (numerically newest: 10 after 2), even if the command line names an older ckpt_path, then
+    deletes the older ones, and W&B continues the job's run."""
     import shutil
     from pathlib import Path
 
@@ -458,10 +459,12 @@ def test_a_requeued_slurm_job_resumes_from_its_signal_checkpoint(tmp_path, monke
     out = tmp_path / "4242"
     assert resume_path(out, "a.ckpt") == "a.ckpt"
     train(first, out)
-    shutil.copy(out / "checkpoints" / "last.ckpt", out / "hpc_ckpt_1.ckpt")  # as the signal handler writes it
+    (out / "hpc_ckpt_2.ckpt").write_bytes(b"an older requeue")  # would fail to load if it were used
+    shutil.copy(out / "checkpoints" / "last.ckpt", out / "hpc_ckpt_10.ckpt")  # as the signal handler writes it
     with caplog.at_level("INFO", logger="dkm.lightning.train"):
         result = train(again, out)  # would fail on /nowhere/old.ckpt if it were used
     assert result["trainer"].global_step == 3 and len(result["module"].loss_history) == 1
+    assert [p.name for p in out.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_10.ckpt"]  # the older one removed
     assert any("requeue checkpoint" in r.getMessage() and "/nowhere/old.ckpt" in r.getMessage()
                for r in caplog.records)
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -517,6 +520,9 @@ def test_checkpoints_follow_the_run_end_and_the_monitored_evaluation(tmp_path):
 
     with pytest.raises(ValueError, match=r"no such metric source.*\['hpatches'\]"):
         run("c", *bench, "trainer.max_steps=2", "checkpoint.monitor=hpatch/auc@5")
+    with pytest.raises(ValueError, match=r"monitor=train/los_ema: the training step logs no such .*'train/loss_ema'"):
+        run("h", "trainer.max_steps=3", "checkpoint.every_n_train_steps=2", "checkpoint.monitor=train/los_ema")
+    assert not (tmp_path / "h" / "checkpoints").exists()  # failed after the first step, before any save
     with pytest.raises(ValueError, match=r"hpatches reports .*hpatches/auc@5"):
         run("d", *bench, "callbacks.hpatches.every_n_steps=1", "trainer.max_steps=2", "checkpoint.monitor=hpatches/auc5")
 

@@ -56,6 +56,21 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))  # every rank; rank 0 writes
 
 
+class BestCheckpoint(ModelCheckpoint):
+    """The best-k checkpoints ranked by ``monitor``; a ``train/<metric>`` that the first training step
+    did not log fails right after that step, naming the logged ones (Lightning would fail only at the
+    first save, ``every_n_train_steps`` later)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (self.monitor.startswith("train/") and trainer.global_step >= 1 and not getattr(self, "_checked", False)):
+            self._checked = True
+            if self.monitor not in trainer.callback_metrics:
+                logged = sorted(k for k in trainer.callback_metrics if k.startswith("train/"))
+                raise ValueError(f"checkpoint.monitor={self.monitor}: the training step logs no such metric; "
+                                 f"it logs {logged}")
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
 def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> tuple[LastCheckpoint, ModelCheckpoint | None]:
     """The checkpoint callbacks ``(last, best or None)`` for ``cfg.checkpoint`` (``every_n_train_steps``, ``monitor``, ``mode``,
     ``save_top_k``; further keys go to the best-k callback): ``last.ckpt`` every ``every_n_train_steps``
@@ -86,8 +101,8 @@ def build_checkpoints(ck: dict, dirpath: Path, benchmarks=()) -> tuple[LastCheck
     else:
         raise ValueError(f"checkpoint.monitor={monitor}: no such metric source; expected train/<metric> or "
                          f"<callback>/<metric> with a callback of {sorted(by_name) or 'none (callbacks=[...])'}")
-    return last, ModelCheckpoint(dirpath=str(dirpath), monitor=monitor, mode=mode, save_top_k=top_k,
-                                 filename="best-{step}", auto_insert_metric_name=False, **when, **ck)
+    return last, BestCheckpoint(dirpath=str(dirpath), monitor=monitor, mode=mode, save_top_k=top_k,
+                                filename="best-{step}", auto_insert_metric_name=False, **when, **ck)
 
 
 def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[pl.Trainer, ModelCheckpoint | None]:
@@ -96,7 +111,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[p
     benchmarks = [c for c in extra_callbacks if hasattr(c, "benchmark")]
     last, best = build_checkpoints(ck, out_dir / "checkpoints", benchmarks)
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
-    callbacks = [c for c in (last, best) if c is not None] + list(extra_callbacks)
+    callbacks = [c for c in (last, best) if c is not None] + [PruneRequeueCheckpoints(), *extra_callbacks]
     if logger is not None:  # (logger=none: LearningRateMonitor refuses a Trainer without a logger)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -112,12 +127,32 @@ def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[p
     return trainer, best
 
 
+def requeue_checkpoints(out_dir: Path) -> list[Path]:
+    """The ``hpc_ckpt_<n>.ckpt`` files Lightning wrote in ``out_dir`` on SLURM requeue signals, oldest
+    (smallest ``n``) first."""
+    found = [(p.stem.rsplit("_", 1)[-1], p) for p in Path(out_dir).glob("hpc_ckpt_*.ckpt")]
+    return [p for n, p in sorted((int(n), p) for n, p in found if n.isdigit())]
+
+
+class PruneRequeueCheckpoints(pl.Callback):
+    """Once a requeued job has resumed from the newest ``hpc_ckpt_<n>.ckpt`` (Lightning restores it
+    before training starts), deletes the older ones: each holds the weights and the optimiser state,
+    and a job requeued every day would otherwise keep one per requeue."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        for old in requeue_checkpoints(Path(trainer.default_root_dir))[:-1]:
+            log.info("removing %s: the job resumed from a newer requeue checkpoint", old)
+            old.unlink(missing_ok=True)
+
+
 def resume_path(out_dir: Path, ckpt_path: str | None) -> str | None:
     """The checkpoint to resume from: ``"hpc"`` (Lightning's name for the newest ``hpc_ckpt_<n>.ckpt`` in the
     run directory, written on a SLURM requeue signal) if the run directory holds one, whatever
     ``ckpt_path`` says (a requeued job re-runs its command line, whose ``ckpt_path`` is older), else
     ``ckpt_path``."""
-    hpc = sorted(Path(out_dir).glob("hpc_ckpt_*.ckpt"))
+    hpc = requeue_checkpoints(out_dir)
     if hpc:
         log.info("resuming from the requeue checkpoint in %s (newest of %s)%s", out_dir, [p.name for p in hpc],
                  f", not ckpt_path={ckpt_path}" if ckpt_path else "")
