@@ -76,6 +76,39 @@ def test_hpatches_failed_pairs_are_recorded_and_scored(hpatches_oracle):
     assert metrics["auc@10"] == 0 and metrics["num_failed"] == 2
 
 
+class _FailingMatcher:
+    """The oracle, whose next ``match_sparse()`` calls raise the queued errors."""
+
+    def __init__(self, oracle, errors):
+        self.oracle, self.errors = oracle, list(errors)
+
+    def match_sparse(self, *args, **kwargs):
+        if self.errors:
+            raise self.errors.pop(0)
+        return self.oracle.match_sparse(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.oracle, name)
+
+
+def test_out_of_memory_is_retried_once_and_a_device_error_stops_the_run(hpatches_oracle, caplog):
+    import torch
+
+    root, oracle = hpatches_oracle
+    bench = HpatchesHomogBenchmark(root, **(protocol("hpatches") | {"center": 0.0}))
+    ok = bench.run(oracle, indices=[1])[1][0]
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    with caplog.at_level("WARNING", logger="dkm.benchmarks.base"):
+        retried = bench.run(_FailingMatcher(oracle, [oom]), indices=[1])[1][0]
+    assert not retried["failed"] and retried["corner_error"] == ok["corner_error"]  # same draws as a first try
+    assert any("retrying once" in r.getMessage() for r in caplog.records)
+    metrics, records = bench.run(_FailingMatcher(oracle, [oom, oom]), indices=[1, 2])
+    assert records[0]["failed"] and records[0]["reason"].startswith("OutOfMemoryError")
+    assert not records[1]["failed"] and metrics["num_failed"] == 1
+    with pytest.raises(torch.AcceleratorError):
+        bench.run(_FailingMatcher(oracle, [torch.AcceleratorError("device-side assert triggered")]), indices=[1])
+
+
 def test_sift_baseline_scores_high_on_synthetic_hpatches(tmp_path):
     from skimage import data
 

@@ -547,3 +547,30 @@ def test_benchmark_callback_runs_once_per_optimiser_step():
     for step in (1, 1, 2, 2, 3, 3, 4, 4):  # two batches per optimiser step
         cb.on_train_batch_end(SimpleNamespace(global_step=step), None, None, None, 0)
     assert runs == [2, 4]
+
+
+def test_benchmark_callback_logs_the_a_to_b_half_of_a_symmetric_warp(tmp_path, monkeypatch, caplog):
+    """The logged panel of a DKMv3 match (columns :W A -> B, W: B -> A) shows A -> B at the
+    image's width; a failure to draw is a warning, never a crash."""
+    from types import SimpleNamespace
+
+    import dkm.lightning.callbacks as callbacks
+    from dkm.benchmarks import HpatchesHomogBenchmark
+    from synthetic_benchmarks import make_hpatches
+
+    bench = HpatchesHomogBenchmark(make_hpatches(tmp_path / "hp", seqs=("v_a",), seed=3))
+    h, w = 48, 64
+
+    class Symmetric:
+        symmetric = True
+
+        def match(self, im1, im2):
+            grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, 2 * w), indexing="ij"), -1)
+            return torch.cat((grid, grid), -1), torch.ones(h, 2 * w)
+
+    logged = []
+    monkeypatch.setattr(callbacks, "log_warp_image", lambda logger, key, img, step, caption: logged.append(img))
+    cb = callbacks.BenchmarkCallback("hpatches", bench, every_n_steps=1, num_log_pairs=1)
+    with caplog.at_level("WARNING", logger="dkm.lightning.callbacks"):
+        cb._log_pairs(SimpleNamespace(logger=object(), global_step=1), Symmetric())
+    assert not caplog.records and len(logged) == 1 and logged[0].shape == (h, 4 * w, 3)  # four tiles of width w

@@ -8,10 +8,14 @@ pair evaluated on any rank gives the same record: its randomness (match sampling
 by ``(seed, pair_index)``, never by the order of evaluation.
 
 A pair that fails (unreadable image, too few matches, estimator failure, any exception) is
-recorded with ``failed=True`` and a reason, and scored as the protocol scores a failure.
+recorded with ``failed=True`` and a reason, and scored as the protocol scores a failure; metrics count
+them (``num_failed``). Running out of memory is retried once with the allocator's cache emptied
+before it counts as a failure; a device error (``torch.AcceleratorError``, which leaves the device
+unusable) is raised.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 import traceback
@@ -220,7 +224,21 @@ class PairBenchmark(ABC):
             cv2.setRNGSeed(self.seed * 1_000_003 + i)
             t0 = time.perf_counter()
             try:
-                rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, ctx)
+                try:
+                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, ctx)
+                except torch.OutOfMemoryError as e:  # e.g. memory cached by training next to a validation loop:
+                    log.warning("%s: pair %d (%s) ran out of memory (%s); retrying once with the allocator's "
+                                "cache emptied", self.name, i, self.pair_id(pair), str(e).splitlines()[0])
+                    del e
+                    gc.collect()
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    ctx["generator"].manual_seed(self.seed * 1_000_003 + i)  # the same draws as a first try
+                    ctx["rng"] = np.random.default_rng([self.seed, i])
+                    cv2.setRNGSeed(self.seed * 1_000_003 + i)
+                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, ctx)
+            except torch.AcceleratorError:  # a device error (e.g. a device-side assert) spoils every later pair
+                raise
             except Exception as e:  # recorded and scored, never fatal
                 log.warning("%s: pair %d (%s) failed: %s", self.name, i, self.pair_id(pair), e)
                 log.debug("%s", traceback.format_exc())

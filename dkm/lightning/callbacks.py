@@ -111,6 +111,9 @@ class BenchmarkCallback(pl.Callback):
             try:
                 im1, im2 = self.benchmark.pair_images(self.benchmark.pairs()[i])
                 warp, cert = model.match(im1, im2)
+                warp, cert = warp.cpu(), cert.cpu()  # (the images below are made on the CPU)
+                if getattr(model, "symmetric", False):  # DKMv3: columns :W hold A -> B, columns W: hold B -> A
+                    warp, cert = warp[:, : warp.shape[1] // 2], cert[:, : cert.shape[1] // 2]
                 h, w = warp.shape[:2]
                 img = warp_panel(pil_to_tensor(im1.convert("RGB"), (h, w)), pil_to_tensor(im2.convert("RGB"), (h, w)),
                                  warp[..., 2:], cert)
