@@ -280,6 +280,21 @@ def test_reduced_precision_warns_once_where_it_is_no_faster(small, rgb, monkeypa
         assert ("no faster than float32" in warnings[0]) == (support != "emulated")
 
 
+@pytest.mark.parametrize("capability, bf16, fp16", [((6, 1), "emulated", "native (no faster than float32)"),
+                                                    ((6, 0), "emulated", "fast"), ((7, 5), "emulated", "fast"),
+                                                    ((8, 0), "fast", "fast"), ((9, 0), "fast", "fast")])
+def test_cuda_reduced_precision_follows_the_compute_capability(monkeypatch, capability, bf16, fp16):
+    """By the capability of the device asked about (torch.cuda.is_bf16_supported() also counts
+    emulation and looks at the current device only)."""
+    from dkm.utils.device import reduced_precision_support
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    assert reduced_precision_support("cuda:1", torch.bfloat16) == bf16
+    assert reduced_precision_support("cuda:1", torch.float16) == fp16
+    assert asked and all(torch.device(d) == torch.device("cuda:1") for d in asked)
+
+
 def test_device_capabilities_are_described():
     from dkm.utils.device import cpu_description, cpu_has_native_bf16, cpu_has_native_fp16, reduced_precision_is_native
 

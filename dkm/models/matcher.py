@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry.coords import DEFAULT_CENTER, normalized_grid, normalized_to_pixel
-from ..utils.device import CPU_FAST_NEEDS, autocast_to, reduced_precision_support
+from ..utils.device import CPU_FAST_NEEDS, CUDA_FAST_NEEDS, autocast_to, reduced_precision_support
 from ..utils.image import check_image_tensor, load_image, normalize, pil_to_tensor, resize_tensor
 from .sampling import SAMPLE_MODES, sample_matches
 
@@ -376,7 +376,8 @@ class RegressionMatcher(nn.Module):
             if (self.device.type, dtype) not in warned:
                 warned.add((self.device.type, dtype))
                 how = "emulated, many times slower than" if support == "emulated" else "native but no faster than"
-                need = CPU_FAST_NEEDS[dtype] if self.device.type == "cpu" else "a GPU that supports it"
+                need = {"cpu": CPU_FAST_NEEDS, "cuda": CUDA_FAST_NEEDS}.get(self.device.type, {}).get(
+                    dtype, "a device that supports it")
                 log.warning("match(dtype=%s): %s convolutions on this %s are %s float32 (faster ones need %s)",
                             dtype, dtype, self.device.type, how, need)
         with _no_enclosing_autocast(self.device):  # precision is what dtype= says, also inside a user's autocast

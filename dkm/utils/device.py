@@ -37,6 +37,9 @@ def cpu_has_native_fp16() -> bool:
 
 #: what a CPU needs for reduced-precision convolutions faster than float32 (named in warnings)
 CPU_FAST_NEEDS = {torch.bfloat16: "AVX512-BF16 or AMX", torch.float16: "AMX-FP16"}
+#: what a CUDA GPU needs for them
+CUDA_FAST_NEEDS = {torch.bfloat16: "compute capability 8.0 (Ampere) or newer",
+                   torch.float16: "compute capability 7.0 (Volta) or newer"}
 #: /proc/cpuinfo flags of those instruction sets
 _CPU_FAST_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"amx_fp16"}}
 
@@ -58,8 +61,8 @@ def reduced_precision_is_native(device: torch.device | str, dtype: torch.dtype) 
     """Whether ``dtype`` (bfloat16/float16) convolutions run in optimized kernels on ``device``
     (on CPU: oneDNN's) rather than in PyTorch's generic, many times slower ones."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return dtype == torch.float16 or torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # float16 runs natively on every CUDA GPU, bfloat16 from Ampere (8.0) on
+        return dtype == torch.float16 or torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         return (dtype == torch.bfloat16 and cpu_has_native_bf16()) or (dtype == torch.float16 and cpu_has_native_fp16())
     return True  # other backends: no way to tell, no warning
@@ -71,9 +74,15 @@ def reduced_precision_is_faster(device: torch.device | str, dtype: torch.dtype) 
     with AVX512-FP16, but without AMX-FP16 at float32 speed or below (torch 2.14.1, a Xeon with
     AVX512-FP16 and AMX-BF16 but no AMX-FP16: float16 convolutions 0.75-0.9x float32's throughput,
     bfloat16 3.5-4x), and bfloat16 on AVX-512 CPUs without AVX512-BF16 through float32. Where the
-    flags are unknown (no /proc/cpuinfo flags), native counts as faster."""
+    flags are unknown (no /proc/cpuinfo flags), native counts as faster. On CUDA: bfloat16 from compute
+    capability 8.0 (Ampere), float16 from 7.0 (Volta) and on the P100 (6.0), by the capability of
+    ``device`` (``torch.cuda.is_bf16_supported()`` also counts emulation, and looks only at the current
+    device)."""
     if not reduced_precision_is_native(device, dtype):
         return False
+    if torch.device(device).type == "cuda":  # float16 tensor cores from Volta (7.0); the P100 (6.0) has
+        capability = torch.cuda.get_device_capability(device)  # 2x-rate float16, other Pascal GPUs 1/64
+        return dtype == torch.bfloat16 or capability >= (7, 0) or capability == (6, 0)
     flags = cpu_flags() if torch.device(device).type == "cpu" else frozenset()
     return not flags or bool(flags & _CPU_FAST_FLAGS[dtype])
 
