@@ -91,3 +91,59 @@ def test_ddp_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run
     assert moved > 1e-4  # the last 3 steps changed the weights
     for k, v in whole["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_a_slurm_requeue_signal_to_one_rank_stops_both_after_the_same_step(tmp_path):
+    """Two ranks launched as srun launches them (SLURM_* variables, no Lightning launcher); SIGUSR1
+    reaches rank 1 only. Both ranks stop after the same optimiser step, one hpc_ckpt_1.ckpt holds that
+    step (written between steps, not inside the handler), rank 0 runs `scontrol requeue <job id>`
+    once, and both exit cleanly (no collective left waiting)."""
+    import os
+    import signal
+    import socket
+    import time
+
+    import torch
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    args = [sys.executable, str(REPO / "train.py"), "experiment=quickstart", "final_eval=null", "logger=none",
+            "model.h=64", "model.w=96", "trainer.max_steps=400", "trainer.max_time=null",
+            "trainer.enable_progress_bar=false", "data.module.batch_size=2", "data.module.samples_per_epoch=16",
+            "log_images_every_n_steps=0", "checkpoint.every_n_train_steps=1000", "checkpoint.monitor=null",
+            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={out}"]
+    procs = []
+    for rank in (0, 1):
+        env = os.environ | {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "2",
+                            "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                            "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        procs.append(subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+
+    def catches_sigusr1(pid: int) -> bool:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGUSR1 - 1) & 1)
+        return False
+
+    deadline = time.monotonic() + 300
+    while not catches_sigusr1(procs[1].pid):  # (before the handler is installed SIGUSR1 would kill it)
+        assert procs[1].poll() is None and time.monotonic() < deadline, procs[1].communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(3)  # well into training
+    procs[1].send_signal(signal.SIGUSR1)
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    assert [p.name for p in out.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]
+    step = torch.load(out / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)["global_step"]
+    assert 0 < step < 400
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == step
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"

@@ -7,12 +7,15 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities import rank_zero_only
 
 from ..data.datamodules import DKMDataModule
 from .callbacks import build_benchmark_callbacks
 from .checkpoint_io import AtomicCheckpointIO
 from .loggers import build_logger
 from .module import DKMLightningModule
+from .requeue import PruneRequeueCheckpoints, RequeueOnSignal, requeue_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -122,29 +125,13 @@ def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[p
         trainer_kwargs["max_steps"] = training_steps(cfg.total_pairs, cfg.data.module.batch_size, world, accumulate)
         log.info("trainer.max_steps = %d: total_pairs %d / (%d pairs per device x %d devices x %d batches per step)",
                  trainer_kwargs["max_steps"], cfg.total_pairs, cfg.data.module.batch_size, world, accumulate)
+    plugins = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect() and cfg.get("requeue_signal"):  # our signal-safe requeue, not Lightning's
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks.append(RequeueOnSignal(cfg.requeue_signal))
     trainer = pl.Trainer(default_root_dir=str(out_dir), logger=logger if logger is not None else False,
-                         callbacks=callbacks, plugins=[AtomicCheckpointIO()], **trainer_kwargs)
+                         callbacks=callbacks, plugins=plugins, **trainer_kwargs)
     return trainer, best
-
-
-def requeue_checkpoints(out_dir: Path) -> list[Path]:
-    """The ``hpc_ckpt_<n>.ckpt`` files Lightning wrote in ``out_dir`` on SLURM requeue signals, oldest
-    (smallest ``n``) first."""
-    found = [(p.stem.rsplit("_", 1)[-1], p) for p in Path(out_dir).glob("hpc_ckpt_*.ckpt")]
-    return [p for n, p in sorted((int(n), p) for n, p in found if n.isdigit())]
-
-
-class PruneRequeueCheckpoints(pl.Callback):
-    """Once a requeued job has resumed from the newest ``hpc_ckpt_<n>.ckpt`` (Lightning restores it
-    before training starts), deletes the older ones: each holds the weights and the optimiser state,
-    and a job requeued every day would otherwise keep one per requeue."""
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        for old in requeue_checkpoints(Path(trainer.default_root_dir))[:-1]:
-            log.info("removing %s: the job resumed from a newer requeue checkpoint", old)
-            old.unlink(missing_ok=True)
 
 
 def resume_path(out_dir: Path, ckpt_path: str | None) -> str | None:
@@ -165,7 +152,8 @@ def train(cfg: DictConfig, out_dir) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:  # (every rank runs this under srun or torchrun)
+        (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     data = DKMDataModule(**OmegaConf.to_container(cfg.data.module, resolve=True), seed=cfg.seed)
     data.setup("fit")  # a missing or partial dataset tree fails here, before any training
     bench_callbacks = build_benchmark_callbacks(cfg.get("callbacks") or {}, seed=cfg.seed)  # checks data roots
