@@ -207,10 +207,17 @@ def worker(args) -> None:
         return out
 
     loaded_rss = rss_mib("VmRSS")  # imported, weights loaded, nothing matched yet
+    gpu = args.device.startswith("cuda")
+    if gpu:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(args.device)
+        gpu_loaded = torch.cuda.memory_allocated(args.device) / 2**20
     t0 = time.perf_counter()
     warp, cert = timed_run(1)
     first = time.perf_counter() - t0
     peak_one_match = rss_mib()
+    gpu_peak = torch.cuda.max_memory_allocated(args.device) / 2**20 if gpu else None  # tensors, one match
     times, faults = {}, {}
     for b in args.batches if args.variant not in RELEASE_VARIANTS else [1]:
         ts, fs = [], []
@@ -225,6 +232,7 @@ def worker(args) -> None:
     print(json.dumps({
         "variant": args.variant, "first": first, "median": times, "minor_faults": faults, "peak_rss_mib": peak_one_match,
         "rss_before_torch_mib": import_rss_before, "rss_after_import_mib": import_rss, "rss_loaded_mib": loaded_rss,
+        "gpu_peak_mib": gpu_peak, "gpu_match_mib": gpu_peak - gpu_loaded if gpu else None,
     }))
 
 
@@ -254,6 +262,8 @@ def combine_rounds(rounds: list[dict]) -> dict:
     for key in ("peak_rss_mib", "rss_loaded_mib"):
         out[key] = statistics.median(r[key] for r in rounds)
     out["match_mib"] = statistics.median(r["peak_rss_mib"] - r["rss_loaded_mib"] for r in rounds)
+    for key in ("gpu_peak_mib", "gpu_match_mib"):
+        out[key] = statistics.median(r[key] for r in rounds) if rounds[0].get(key) is not None else None
     return out
 
 
@@ -336,6 +346,13 @@ def run_arch(args, arch: str, h: int, w: int, is_v3: bool) -> None:
         print(line)
     for v, why in failed.items():
         print(f"{v:<16} {why}")
+    if any(r.get("gpu_peak_mib") is not None for r in results.values()):
+        print("\nGPU memory (torch.cuda.max_memory_allocated over the first match; the columns above are host RSS):")
+        print(f"{'variant':<16} {'peak MiB':>9} {'vs faithful':>11} {'match MiB':>9} {'vs faithful':>11}")
+        for v, r in results.items():
+            base = results.get("faithful_cc" if v.endswith("_cc") else "faithful")
+            vs = (lambda k: f"{r[k] / base[k]:10.2f}x" if base and base.get(k) else f"{'':>11}")  # noqa: E731
+            print(f"{v:<16} {r['gpu_peak_mib']:9.0f} {vs('gpu_peak_mib')} {r['gpu_match_mib']:9.0f} {vs('gpu_match_mib')}")
     if len(args.batches) > 1:
         print("\nseconds per pair by batch size B (match() on a batch of B pairs, divided by B):")
         print(f"{'variant':<16} " + " ".join(f"{'B=' + str(b):>8}" for b in args.batches))
