@@ -64,8 +64,12 @@ class BestCheckpoint(ModelCheckpoint):
     did not log fails right after that step, naming the logged ones (Lightning would fail only at the
     first save, ``every_n_train_steps`` later)."""
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._checked = False  # whether the monitored train/<metric> was looked for yet
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (self.monitor.startswith("train/") and trainer.global_step >= 1 and not getattr(self, "_checked", False)):
+        if self.monitor.startswith("train/") and trainer.global_step >= 1 and not self._checked:
             self._checked = True
             if self.monitor not in trainer.callback_metrics:
                 logged = sorted(k for k in trainer.callback_metrics if k.startswith("train/"))
