@@ -574,3 +574,25 @@ def test_benchmark_callback_logs_the_a_to_b_half_of_a_symmetric_warp(tmp_path, m
     with caplog.at_level("WARNING", logger="dkm.lightning.callbacks"):
         cb._log_pairs(SimpleNamespace(logger=object(), global_step=1), Symmetric())
     assert not caplog.records and len(logged) == 1 and logged[0].shape == (h, 4 * w, 3)  # four tiles of width w
+
+
+def test_step_metrics_are_averaged_over_ranks_in_one_collective():
+    """The per-scale loss terms and the EMA reach the logger as the mean over the ranks, reduced in one
+    all-reduce per step (not one per value)."""
+    from types import SimpleNamespace
+
+    from dkm.lightning.module import DKMLightningModule
+
+    module = DKMLightningModule({"arch": "dkm_small", "h": 64, "w": 96, **TINY_ARCH}, {}, {})
+    calls = []
+
+    def reduce(t, reduce_op):  # rank 1 holds twice rank 0's values
+        calls.append((tuple(t.shape), reduce_op))
+        return (t + 2 * t) / 2
+
+    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce=reduce))
+    out = module._mean_over_ranks({"train/a": 1.0, "train/b": torch.tensor(4.0, dtype=torch.float64)})
+    assert calls == [((2,), "mean")]
+    assert {k: v.item() for k, v in out.items()} == {"train/a": 1.5, "train/b": 6.0}
+    module._trainer = SimpleNamespace(world_size=1, strategy=None)
+    assert module._mean_over_ranks({"train/a": 2.0})["train/a"].item() == 2.0
