@@ -80,8 +80,9 @@ class DKMLightningModule(pl.LightningModule):
         all-reduce (``self.log(..., sync_dist=True)`` would run one per value, about 20 per step)."""
         stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device).detach().reshape(())
                                for v in values.values()])
-        if self.trainer.world_size > 1:
-            stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+        trainer = self._trainer  # (None when a step runs outside a Trainer)
+        if trainer is not None and trainer.world_size > 1:
+            stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
         return dict(zip(values, stacked.unbind()))
 
     @torch.no_grad()
