@@ -52,7 +52,12 @@ class RequeueOnSignal(pl.Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         if stage == "fit":
-            self._previous = signal.signal(self.signum, self._on_signal)
+            try:
+                self._previous = signal.signal(self.signum, self._on_signal)
+            except ValueError:  # only the main thread may install handlers
+                log.warning("training runs outside the main thread: %s will not checkpoint and requeue the job",
+                            self.signum.name)
+                return
             log.info("%s: a requeue checkpoint after the current step, then scontrol requeue %s",
                      self.signum.name, slurm_job_id())
 
