@@ -100,7 +100,7 @@ def test_out_of_memory_is_retried_once_and_a_device_error_stops_the_run(hpatches
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     with caplog.at_level("WARNING", logger="dkm.benchmarks.base"):
         retried = bench.run(_FailingMatcher(oracle, [oom]), indices=[1])[1][0]
-    assert not retried["failed"] and retried["corner_error"] == ok["corner_error"]  # same draws as a first try
+    assert not retried["failed"] and retried["corner_error"] == ok["corner_error"]  # the retry scored the pair
     assert any("retrying once" in r.getMessage() for r in caplog.records)
     metrics, records = bench.run(_FailingMatcher(oracle, [oom, oom]), indices=[1, 2])
     assert records[0]["failed"] and records[0]["reason"].startswith("OutOfMemoryError")

@@ -113,8 +113,7 @@ class PairBenchmark(ABC):
     def check_pair(self, pair) -> None:
         """Read what evaluating ``pair`` reads from disk (at least its images); raise if anything is
         missing or unreadable (``python -m dkm.benchmarks.check``)."""
-        for im in self.pair_images(pair):  # (opened by dkm.utils.image.load_image: errors name the file)
-            im.load()
+        self.pair_images(pair)  # (dkm.utils.image.load_image reads the pixels; its errors name the file)
 
     def completeness_warnings(self) -> list[str]:
         """How this tree differs from the published benchmark in ways its index files cannot show
@@ -215,17 +214,21 @@ class PairBenchmark(ABC):
         with self._at_resolution(model):
             return self._evaluate(model, indices, progress)
 
+    def _seeded_context(self, i: int) -> dict:
+        """The randomness of pair ``i``, seeded by ``(seed, i)`` (also OpenCV's global RNG, which its
+        RANSAC draws from): ``generator`` (torch, CPU), ``rng`` (numpy), ``seed``."""
+        cv2.setRNGSeed(self.seed * 1_000_003 + i)
+        return {"generator": torch.Generator().manual_seed(self.seed * 1_000_003 + i),
+                "rng": np.random.default_rng([self.seed, i]), "seed": (self.seed, i)}
+
     def _evaluate(self, model, indices, progress: bool) -> list[dict]:
         records = []
         for i in tqdm(indices, desc=self.name, disable=not progress, leave=False):
             pair = self._pairs[i]
-            ctx = {"generator": torch.Generator().manual_seed(self.seed * 1_000_003 + i),
-                   "rng": np.random.default_rng([self.seed, i]), "seed": (self.seed, i)}
-            cv2.setRNGSeed(self.seed * 1_000_003 + i)
             t0 = time.perf_counter()
             try:
                 try:
-                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, ctx)
+                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, self._seeded_context(i))
                 except torch.OutOfMemoryError as e:  # e.g. memory cached by training next to a validation loop:
                     log.warning("%s: pair %d (%s) ran out of memory (%s); retrying once with the allocator's "
                                 "cache emptied", self.name, i, self.pair_id(pair), str(e).splitlines()[0])
@@ -233,10 +236,7 @@ class PairBenchmark(ABC):
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    ctx["generator"].manual_seed(self.seed * 1_000_003 + i)  # the same draws as a first try
-                    ctx["rng"] = np.random.default_rng([self.seed, i])
-                    cv2.setRNGSeed(self.seed * 1_000_003 + i)
-                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, ctx)
+                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, self._seeded_context(i))
             except torch.AcceleratorError:  # a device error (e.g. a device-side assert) spoils every later pair
                 raise
             except Exception as e:  # recorded and scored, never fatal

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..utils.npz import load_arrays
 from ..utils.image import load_image
+from ..utils.npz import load_arrays
 from .pairs import make_depth_pair
 
 log = logging.getLogger(__name__)

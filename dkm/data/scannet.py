@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset
 
+from ..utils.image import load_image
 from ..utils.npz import load_arrays
 from .megadepth import check_files
-from ..utils.image import load_image
 from .pairs import make_depth_pair
 
 
