@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ from synthetic_benchmarks import make_hpatches
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(out: Path, data_root: Path, devices: int, tmp: Path) -> subprocess.CompletedProcess:
-    args = [
+def train_args(out: Path, data_root: Path, devices: int) -> list[str]:
+    return [
         sys.executable, str(REPO / "train.py"), "experiment=quickstart", "final_eval=null", "logger=csv",
         "model.h=64", "model.w=96", "trainer.max_steps=2", "trainer.max_time=null", "trainer.enable_progress_bar=false",
         "data.module.batch_size=2", "data.module.samples_per_epoch=8", "log_images_every_n_steps=0",
@@ -25,7 +26,29 @@ def run_train(out: Path, data_root: Path, devices: int, tmp: Path) -> subprocess
         "callbacks.hpatches.benchmark.num_samples=2000", "trainer.accelerator=cpu", f"trainer.devices={devices}",
         f"trainer.strategy={'ddp' if devices > 1 else 'auto'}", f"hydra.run.dir={out}",
     ]
-    return subprocess.run(args, cwd=tmp, capture_output=True, text=True, timeout=900)
+
+
+def run_side_by_side(runs: list[list[str]], cwd: Path, timeout: float = 900) -> list[str]:
+    """Runs the commands at the same time (independent runs: each process spends its first seconds
+    importing, on one core) and returns their output (stdout and stderr); fails naming the command
+    that failed. Output goes to files, so that no process blocks on a full pipe while another is awaited."""
+    procs = []
+    for args in runs:
+        log = tempfile.TemporaryFile("w+")
+        procs.append((subprocess.Popen(args, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True), log))
+    errs = []
+    for (p, log), args in zip(procs, runs):
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            raise
+        log.seek(0)
+        errs.append(log.read())
+        log.close()
+        assert p.returncode == 0, f"{' '.join(args[1:])}\n{errs[-1][-3000:]}"
+    return errs
 
 
 def read_eval(out: Path, step: int):
@@ -37,12 +60,8 @@ def read_eval(out: Path, step: int):
 
 def test_benchmark_callback_same_metrics_on_one_and_two_ranks(tmp_path):
     root = make_hpatches(tmp_path / "hp", seqs=("v_ddp",), hw=(120, 160), seed=7)  # 5 pairs: odd
-    results = {}
-    for devices in (1, 2):
-        out = tmp_path / f"run{devices}"
-        res = run_train(out, root, devices, tmp_path)
-        assert res.returncode == 0, res.stderr[-3000:]
-        results[devices] = out
+    results = {devices: tmp_path / f"run{devices}" for devices in (1, 2)}
+    run_side_by_side([train_args(out, root, devices) for devices, out in results.items()], tmp_path)
     m1, rows1 = read_eval(results[1], 0)
     m2, rows2 = read_eval(results[2], 0)
     assert m2["num_ranks"] == 2 and m1["num_ranks"] == 1
@@ -67,24 +86,27 @@ def test_ddp_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run
     LR milestones (fractions of it) are put beyond every leg: a constant LR in all three."""
     import torch
 
-    def run(out, steps, every, ckpt=None):
-        args = [sys.executable, str(REPO / "train.py"), "experiment=quickstart", "final_eval=null", "logger=csv",
+    def args(out, steps, every, ckpt=None):
+        return [sys.executable, str(REPO / "train.py"), "experiment=quickstart", "final_eval=null", "logger=csv",
                 "model.h=64", "model.w=96", f"trainer.max_steps={steps}", "trainer.max_time=null",
                 "trainer.enable_progress_bar=false", "data.module.batch_size=2", "data.module.samples_per_epoch=16",
                 "log_images_every_n_steps=0", f"checkpoint.every_n_train_steps={every}", "checkpoint.monitor=null",
-                "optim.milestones=[2.0,3.0]", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", f"hydra.run.dir={out}"]
-        if ckpt is not None:
-            args.append(f"ckpt_path={ckpt}")
-        res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-3000:]
-        assert "not resumable" not in res.stderr
+                "optim.milestones=[2.0,3.0]", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+                f"hydra.run.dir={out}"] + ([f"ckpt_path={ckpt}"] if ckpt is not None else [])
+
+    def last(out):
         return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
-    whole = run(tmp_path / "whole", 6, 6)
-    first = run(tmp_path / "first", 3, 2)  # saves at step 2; last.ckpt at step 3 is written when training ends
+    # the uninterrupted run and the first leg (saves at step 2; last.ckpt at step 3 is written when
+    # training ends) are independent: side by side
+    errs = run_side_by_side([args(tmp_path / "whole", 6, 6), args(tmp_path / "first", 3, 2)], tmp_path)
+    whole, first = last(tmp_path / "whole"), last(tmp_path / "first")
     assert first["global_step"] == 3 and first["loops"]["fit_loop"]["state_dict"]["combined_loader"] == \
         [{"epoch": 0, "batches": 3}]
-    resumed = run(tmp_path / "resumed", 6, 100, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
+    errs += run_side_by_side([args(tmp_path / "resumed", 6, 100, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")],
+                             tmp_path)
+    assert not any("not resumable" in e for e in errs)
+    resumed = last(tmp_path / "resumed")
     assert whole["global_step"] == resumed["global_step"] == 6
     assert resumed["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
     moved = max((whole["state_dict"][k] - first["state_dict"][k]).abs().max() for k in whole["state_dict"])
