@@ -22,12 +22,14 @@ Variants: ``faithful`` (``fast=False``, the release's operations), ``fast`` (the
 ``fast_lowp`` (``match(dtype=bfloat16)``, float16 on CUDA or with ``--lowp-dtype float16``: the
 refiners in reduced precision) and
 ``fast_lowp_net`` (``precision_scope="network"``: also the encoder, projections and embedding
-decoder); each ``*_cc`` with ``check_cycle_consistency=True``. The reduced-precision variants run by
-default only where their dtype is native (bfloat16 on CPU: oneDNN, fast with AVX512-BF16 or AMX;
-float16: CUDA, or oneDNN on a CPU with AVX512-FP16, faster than float32 only with AMX-FP16); elsewhere
-it is emulated and many times slower than float32 (select them with --variants to measure that
-anyway). The header names the CPU and, per dtype, "fast", "native (no faster than float32)" or
-"emulated" (``dkm.utils.device.reduced_precision_support``).
+decoder); each ``*_cc`` with ``check_cycle_consistency=True``. Reduced precision is native for bfloat16
+on CPU where oneDNN has kernels for it (fast with AVX512-BF16 or AMX) and for float16 on CUDA or on a
+CPU with AVX512-FP16 (faster than float32 only with AMX-FP16); on a CPU without such kernels the fast
+path convolves the rounded operands with float32 kernels (float32 speed: the variants then show the
+deviation only). On a GPU without kernels for the dtype the reduced-precision variants are left out
+(many times slower; select them with --variants to measure that anyway). The header names the CPU
+and, per dtype, "fast", "native (no faster than float32)" or "emulated"
+(``dkm.utils.device.reduced_precision_support``).
 
 Memory: ``peak MiB`` is the peak resident set of the worker process (import, weights, one match);
 ``match MiB`` is that peak minus the resident set just before the first match, i.e. what matching
@@ -395,7 +397,7 @@ def main() -> None:
                    help="dtype of the fast_lowp* variants (default: float16 on CUDA, bfloat16 on CPU; float16 on a "
                         "CPU runs in oneDNN with AVX512-FP16, faster than float32 with AMX-FP16)")
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
-                   help="default: all, without the reduced-precision ones where that precision is emulated")
+                   help="default: all (on a GPU without kernels for the reduced dtype: all but the reduced-precision ones)")
     p.add_argument("--malloc", choices=list(MALLOC_ENV), default="default",
                    help="no-trim: glibc keeps freed memory (no page faults per match); live: glibc returns "
                         "every freed block of 1 MiB or more at once (peak = live memory; see above)")
@@ -433,7 +435,7 @@ def main() -> None:
 
         lowp = getattr(torch, lowp_dtype_name(args))
         args.variants = list(VARIANTS)
-        if not reduced_precision_is_native(args.device, lowp):
+        if args.device != "cpu" and not reduced_precision_is_native(args.device, lowp):
             args.variants = [v for v in VARIANTS if not VARIANTS[v][2]]
             log.info("%s is emulated on this %s: skipping the reduced-precision variants (--variants to force)",
                      lowp, args.device)

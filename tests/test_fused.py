@@ -130,13 +130,17 @@ def test_conv2d_relu_falls_back_when_the_fused_op_fails(monkeypatch):
 @pytest.mark.parametrize("native", [False, True])
 def test_reduced_precision_takes_onednn_only_where_the_cpu_runs_it(monkeypatch, native, dtype):
     """float16/bfloat16 convolutions go to oneDNN's fused op only where this CPU supports them
-    (oneDNN refuses them on e.g. AVX2-only CPUs); elsewhere, and if the op still refuses, F.conv2d
-    computes the same function."""
+    (oneDNN refuses them on e.g. AVX2-only CPUs; if it still refuses, F.conv2d computes the same
+    function and a warning says so); elsewhere float32 kernels convolve the rounded operands."""
     import dkm.models.fused as fused
 
     probe = {torch.float16: "cpu_has_native_fp16", torch.bfloat16: "cpu_has_native_bf16"}[dtype]
     supported = getattr(fused, probe)()
     monkeypatch.setattr(fused, probe, lambda: native)
+    onednn_calls = []
+    onednn = torch.ops.mkldnn._convolution_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise",
+                        lambda x, *a: onednn_calls.append(x.dtype) or onednn(x, *a), raising=False)
     conv = nn.Conv2d(4, 4, 1)
     x = torch.randn(1, 4, 8, 8, dtype=dtype)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
@@ -147,8 +151,38 @@ def test_reduced_precision_takes_onednn_only_where_the_cpu_runs_it(monkeypatch, 
         want = F.conv2d(x.float(), conv.weight, conv.bias).relu()
     # claimed supported where the CPU is not: oneDNN refuses and the fallback says so
     assert bool(caught) == (native and not supported), caught
+    assert onednn_calls == ([dtype] if native else [torch.float32])  # not native: oneDNN in float32
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_without_cpu_kernels_rounds_operands_and_result(monkeypatch, dtype):
+    """Without kernels for the dtype, conv2d_relu computes what native ones do: products of operands
+    rounded to the dtype, summed in float32, the sum rounded once. Operand rounding shows in a
+    cancellation: (1 + 0.45 ulp) - 1 is 0 after rounding; float32 throughout would give 0.45 ulp."""
+    import dkm.models.fused as fused
+
+    monkeypatch.setattr(fused, {torch.float16: "cpu_has_native_fp16", torch.bfloat16: "cpu_has_native_bf16"}[dtype],
+                        lambda: False)
+    ulp = torch.finfo(dtype).eps
+    conv = nn.Conv2d(2, 1, 1, bias=False)
+    x = torch.tensor([1 + 0.45 * ulp, -1.0]).reshape(1, 2, 1, 1)  # float32, rounded under autocast
+    weight = torch.ones(1, 2, 1, 1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        got = conv2d_relu(x, weight, None, conv, relu=False)
+    assert got.dtype == dtype and got.item() == 0.0
+    assert F.conv2d(x, weight).item() == pytest.approx(0.45 * ulp, rel=1e-3)  # (what float32 alone gives)
+
+    # on random data: PyTorch's own (generic, slow) kernels for the dtype, up to one rounding step
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    x, res = torch.randn(1, 8, 12, 16), torch.randn(1, 8, 12, 16)
+    with torch.no_grad():
+        got = conv2d_relu(x.to(dtype), conv.weight, conv.bias, conv, residual=res.to(dtype))
+        want = (F.conv2d(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), padding=1) + res.to(dtype)).relu()
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=2 * ulp)
 
 
 @pytest.mark.parametrize("kernel_size", [5, 3, 1])

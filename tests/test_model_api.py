@@ -276,8 +276,8 @@ def test_reduced_precision_warns_once_where_it_is_no_faster(small, rgb, monkeypa
     assert len(warnings) == (0 if support == "fast" else 1)
     if warnings:
         assert "AVX512-BF16 or AMX" in warnings[0]  # what the CPU would need
-        assert ("many times slower" in warnings[0]) == (support == "emulated")
-        assert ("no faster than float32" in warnings[0]) == (support != "emulated")
+        assert ("float32 kernels on rounded operands" in warnings[0]) == (support == "emulated")  # (on CPU)
+        assert "no faster than float32" in warnings[0]
 
 
 @pytest.mark.parametrize("capability, bf16, fp16", [((6, 1), "emulated", "native (no faster than float32)"),

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..geometry.coords import normalized_grid
 from ..utils.device import autocast_to
-from .fused import conv2d_relu, fold_batchnorm
+from .fused import conv_forward, conv2d_relu, fold_batchnorm
 from .local_correlation import chunk_for_budget, local_correlation, rows_for_budget
 
 
@@ -81,7 +81,13 @@ class RRB(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
         self.conv3 = nn.Conv2d(out_channels, out_channels, kernel_size, padding=pad)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """``fast`` (inference): BatchNorm folded into ``conv2``, the ReLUs and the residual addition
+        fused into the convolutions (:mod:`.fused`)."""
+        if fast and not self.training:
+            x = conv_forward(self.conv1, x)
+            res = conv2d_relu(x, *fold_batchnorm(self.conv2, self.bn), self.conv2)
+            return conv2d_relu(res, self.conv3.weight, self.conv3.bias, self.conv3, residual=x)
         x = self.conv1(x)
         res = self.conv3(self.relu(self.bn(self.conv2(x))))
         return self.relu(x + res)
@@ -125,17 +131,19 @@ class EmbeddingDecoder(nn.Module):
     def scales(self) -> list[int]:
         return [int(k) for k in self.terminal_module.keys()]
 
-    def forward(self, gp_out, feats, state, scale: int, float32_output: bool = False):
+    def forward(self, gp_out, feats, state, scale: int, float32_output: bool = False, fast: bool = False):
         """``gp_out`` (B, gp_dim, h, w), ``feats`` (B, C, h, w), ``state`` (B, internal_dim, h, w).
 
         Returns ``flow`` (B, 2, h, w), ``certainty`` logits (B, 1, h, w) and the new state.
         ``float32_output``: the terminal convolution (whose output is the flow itself, in normalized
         coordinates) runs in float32 even under autocast (reduced-precision inference).
+        ``fast`` (inference): the convolutions through :mod:`.fused` (see :meth:`RRB.forward`).
         """
         k = str(scale)
-        x = torch.cat([self.feat_input_modules[k](feats), gp_out], dim=1)
-        x = self.rrb_d[k](x)
-        state = self.rrb_u[k](self.cab[k](state, x))
+        feats = conv_forward(self.feat_input_modules[k], feats) if fast else self.feat_input_modules[k](feats)
+        x = torch.cat([feats, gp_out], dim=1)
+        x = self.rrb_d[k](x, fast=fast)
+        state = self.rrb_u[k](self.cab[k](state, x), fast=fast)
         if float32_output:
             with torch.autocast(state.device.type, enabled=False):
                 out = self.terminal_module[k](state.to(self.terminal_module[k].weight.dtype))
@@ -321,12 +329,13 @@ class Decoder(nn.Module):
             fq, fs = f_q[s], f_s[s]
             if k in self.proj:
                 with autocast_to(fq.device, coarse_dtype):
-                    fq, fs = self.proj[k](fq), self.proj[k](fs)
+                    fq, fs = ((conv_forward(self.proj[k], fq), conv_forward(self.proj[k], fs)) if fast and not self.training
+                              else (self.proj[k](fq), self.proj[k](fs)))
             if s in coarse and not upsample:
                 state = F.interpolate(state, size=sizes[s], mode="bilinear", align_corners=False)
                 gp_out = self.gps[k](fq, fs, fast=fast)
                 with autocast_to(fq.device, coarse_dtype):
-                    flow, certainty, state = self.embedding_decoder(gp_out, fq, state, s,
+                    flow, certainty, state = self.embedding_decoder(gp_out, fq, state, s, fast=fast and not self.training,
                                                                     float32_output=coarse_dtype is not None)
                 flow, certainty = flow.to(dtype), certainty.to(dtype)
             if k in self.conv_refiner:

@@ -324,8 +324,9 @@ class RegressionMatcher(nn.Module):
             fast: override the model's default inference path (see the class docstring).
             dtype: reduced-precision compute dtype, via autocast: ``torch.float32`` (default),
                 ``torch.bfloat16`` or ``torch.float16`` (CUDA; CPUs with AMX-FP16). Fast path only.
-                Warns once where it is no faster than float32 (emulated, or e.g. float16 on
-                a CPU with AVX512-FP16 but no AMX-FP16).
+                Warns once where it is no faster than float32 (a CPU without kernels for it, where the
+                fast path convolves the rounded operands with float32 kernels, or e.g. float16 on a CPU
+                with AVX512-FP16 but no AMX-FP16).
             precision_scope: what ``dtype`` applies to (default: the model's
                 ``inference_precision_scope``, ``"refiners"``). ``"refiners"``: the refiners'
                 convolutions (most of the FLOPs; 0.01 px from float32 at the 99th percentile on the
@@ -375,7 +376,9 @@ class RegressionMatcher(nn.Module):
             warned = self.__dict__.setdefault("_warned_dtypes", set())
             if (self.device.type, dtype) not in warned:
                 warned.add((self.device.type, dtype))
-                how = "emulated, many times slower than" if support == "emulated" else "native but no faster than"
+                how = {"native (no faster than float32)": "native but no faster than",
+                       "emulated": ("emulated (float32 kernels on rounded operands), no faster than"
+                                    if self.device.type == "cpu" else "emulated, many times slower than")}[support]
                 need = {"cpu": CPU_FAST_NEEDS, "cuda": CUDA_FAST_NEEDS}.get(self.device.type, {}).get(
                     dtype, "a device that supports it")
                 log.warning("match(dtype=%s): %s convolutions on this %s are %s float32 (faster ones need %s)",

@@ -22,7 +22,8 @@ def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bfloat16 convolutions on this CPU: torch's check, AVX-512 BW/VL/DQ or
     AVX-NE-CONVERT. They are fast with AVX512-BF16 or AMX; on older AVX-512 CPUs oneDNN converts
     through float32. Elsewhere (e.g. AVX2-only CPUs) PyTorch's generic kernels run them, many times
-    slower than float32."""
+    slower than float32; dkm's fast path then convolves bfloat16-rounded operands with float32 kernels
+    (:func:`dkm.models.fused.conv2d_relu`)."""
     return _onednn_check("_is_mkldnn_bf16_supported")
 
 
@@ -31,7 +32,7 @@ def cpu_has_native_fp16() -> bool:
     """Whether oneDNN runs float16 convolutions on this CPU: torch's check, AVX512-FP16 (e.g. Intel
     Xeon since Sapphire Rapids) or AVX-NE-CONVERT; faster than float32 only with AMX-FP16 (Xeon since
     Granite Rapids), see :func:`reduced_precision_is_faster`. Elsewhere PyTorch's generic kernels run
-    them, many times slower than float32."""
+    them, many times slower than float32 (dkm's fast path: float32 kernels on rounded operands)."""
     return _onednn_check("_is_mkldnn_fp16_supported")
 
 
