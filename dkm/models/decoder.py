@@ -328,15 +328,15 @@ class Decoder(nn.Module):
             k = str(s)
             fq, fs = f_q[s], f_s[s]
             if k in self.proj:
+                proj = functools.partial(conv_forward, self.proj[k]) if fast and not self.training else self.proj[k]
                 with autocast_to(fq.device, coarse_dtype):
-                    fq, fs = ((conv_forward(self.proj[k], fq), conv_forward(self.proj[k], fs)) if fast and not self.training
-                              else (self.proj[k](fq), self.proj[k](fs)))
+                    fq, fs = proj(fq), proj(fs)
             if s in coarse and not upsample:
                 state = F.interpolate(state, size=sizes[s], mode="bilinear", align_corners=False)
                 gp_out = self.gps[k](fq, fs, fast=fast)
                 with autocast_to(fq.device, coarse_dtype):
-                    flow, certainty, state = self.embedding_decoder(gp_out, fq, state, s, fast=fast and not self.training,
-                                                                    float32_output=coarse_dtype is not None)
+                    flow, certainty, state = self.embedding_decoder(
+                        gp_out, fq, state, s, float32_output=coarse_dtype is not None, fast=fast and not self.training)
                 flow, certainty = flow.to(dtype), certainty.to(dtype)
             if k in self.conv_refiner:
                 with autocast_to(fq.device, refine_dtype):

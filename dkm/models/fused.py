@@ -74,7 +74,8 @@ def conv2d_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         def rounded(t):
             return None if t is None else t.to(dtype).float()
         with torch.autocast("cpu", enabled=False):
-            return _convolve(rounded(x), rounded(weight), rounded(bias), conv, relu, rounded(residual), padding).to(dtype)
+            out = _convolve(rounded(x), rounded(weight), rounded(bias), conv, relu, rounded(residual), padding)
+        return out.to(dtype)
     return _convolve(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), conv, relu,
                      None if residual is None else residual.to(dtype), padding)
 
@@ -96,6 +97,7 @@ def _convolve(x, weight, bias, conv, relu, residual, padding):
     if residual is not None:
         y.add_(residual)
     return torch.relu_(y) if relu else y
+
 
 def conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` through :func:`conv2d_relu` (no activation): the fast path of a plain convolution."""
