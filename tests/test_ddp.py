@@ -36,19 +36,19 @@ def run_side_by_side(runs: list[list[str]], cwd: Path, timeout: float = 900) -> 
     for args in runs:
         log = tempfile.TemporaryFile("w+")
         procs.append((subprocess.Popen(args, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True), log))
-    errs = []
-    for (p, log), args in zip(procs, runs):
-        try:
+    try:
+        for p, _ in procs:
             p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q, _ in procs:
-                q.kill()
-            raise
+    finally:
+        for p, _ in procs:  # (after a timeout: none left running)
+            p.kill()
+    logs = []
+    for (p, log), args in zip(procs, runs):
         log.seek(0)
-        errs.append(log.read())
+        logs.append(log.read())
         log.close()
-        assert p.returncode == 0, f"{' '.join(args[1:])}\n{errs[-1][-3000:]}"
-    return errs
+        assert p.returncode == 0, f"{' '.join(args[1:])}\n{logs[-1][-3000:]}"
+    return logs
 
 
 def read_eval(out: Path, step: int):
@@ -99,13 +99,13 @@ def test_ddp_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run
 
     # the uninterrupted run and the first leg (saves at step 2; last.ckpt at step 3 is written when
     # training ends) are independent: side by side
-    errs = run_side_by_side([args(tmp_path / "whole", 6, 6), args(tmp_path / "first", 3, 2)], tmp_path)
+    logs = run_side_by_side([args(tmp_path / "whole", 6, 6), args(tmp_path / "first", 3, 2)], tmp_path)
     whole, first = last(tmp_path / "whole"), last(tmp_path / "first")
     assert first["global_step"] == 3 and first["loops"]["fit_loop"]["state_dict"]["combined_loader"] == \
         [{"epoch": 0, "batches": 3}]
-    errs += run_side_by_side([args(tmp_path / "resumed", 6, 100, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")],
+    logs += run_side_by_side([args(tmp_path / "resumed", 6, 100, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")],
                              tmp_path)
-    assert not any("not resumable" in e for e in errs)
+    assert not any("not resumable" in log for log in logs)
     resumed = last(tmp_path / "resumed")
     assert whole["global_step"] == resumed["global_step"] == 6
     assert resumed["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
