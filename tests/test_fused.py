@@ -133,10 +133,11 @@ def test_reduced_precision_takes_onednn_only_where_the_cpu_runs_it(monkeypatch, 
     (oneDNN refuses them on e.g. AVX2-only CPUs; if it still refuses, F.conv2d computes the same
     function and a warning says so); elsewhere float32 kernels convolve the rounded operands."""
     import dkm.models.fused as fused
+    import dkm.utils.device as device
 
     probe = {torch.float16: "cpu_has_native_fp16", torch.bfloat16: "cpu_has_native_bf16"}[dtype]
-    supported = getattr(fused, probe)()
-    monkeypatch.setattr(fused, probe, lambda: native)
+    supported = getattr(device, probe)()
+    monkeypatch.setattr(device, probe, lambda: native)
     onednn_calls = []
     onednn = torch.ops.mkldnn._convolution_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise",
@@ -161,9 +162,9 @@ def test_reduced_precision_without_cpu_kernels_rounds_operands_and_result(monkey
     """Without kernels for the dtype, conv2d_relu computes what native ones do: products of operands
     rounded to the dtype, summed in float32, the sum rounded once. Operand rounding shows in a
     cancellation: (1 + 0.45 ulp) - 1 is 0 after rounding; float32 throughout would give 0.45 ulp."""
-    import dkm.models.fused as fused
+    import dkm.utils.device as device
 
-    monkeypatch.setattr(fused, {torch.float16: "cpu_has_native_fp16", torch.bfloat16: "cpu_has_native_bf16"}[dtype],
+    monkeypatch.setattr(device, {torch.float16: "cpu_has_native_fp16", torch.bfloat16: "cpu_has_native_bf16"}[dtype],
                         lambda: False)
     ulp = torch.finfo(dtype).eps
     conv = nn.Conv2d(2, 1, 1, bias=False)

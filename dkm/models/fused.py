@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils.device import cpu_has_native_bf16, cpu_has_native_fp16
+from ..utils.device import reduced_precision_is_native
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +36,7 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, t
 
 def _cpu_has_kernels(dtype: torch.dtype) -> bool:
     """Whether oneDNN convolves ``dtype`` (float32, bfloat16 or float16) on this CPU."""
-    if dtype == torch.bfloat16:
-        return cpu_has_native_bf16()
-    if dtype == torch.float16:
-        return cpu_has_native_fp16()
-    return dtype == torch.float32
+    return dtype == torch.float32 or reduced_precision_is_native("cpu", dtype)
 
 
 def _onednn_fusable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
