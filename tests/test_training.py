@@ -284,6 +284,55 @@ def test_lightning_fit_resume_and_export(tmp_path, recwarn):
         torch.testing.assert_close(loaded.state_dict()[k], v)
 
 
+class _Layouts(pl.Callback):
+    """Records, per step, whether the images the model saw and the first convolution's gradient are
+    channels-last."""
+
+    def __init__(self):
+        self.images, self.grads = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        conv1 = pl_module.model.encoder.backbone.conv1
+        self.hook = conv1.register_forward_pre_hook(
+            lambda m, args: self.images.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+
+    def on_after_backward(self, trainer, pl_module):
+        self.hook.remove()
+        grad = pl_module.model.encoder.backbone.conv1.weight.grad
+        self.grads.append(grad.is_contiguous(memory_format=torch.channels_last))
+
+
+def test_channels_last_training_is_the_same_computation_in_nhwc(tmp_path):
+    optim = {"lr_encoder": 1e-4, "lr_decoder": 1e-4, "milestones": [0.5, 0.9]}
+    runs = {}
+    for channels_last in (False, True):
+        pl.seed_everything(0)
+        module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0,
+                                    channels_last=channels_last)
+        layouts = _Layouts()
+        trainer, _ = _trainer(tmp_path / str(channels_last), 3, [layouts])
+        data = DKMDataModule([{"kind": "synthetic_homography", "images": ["astronaut"], "length": 6}], h=64, w=96,
+                             batch_size=2, samples_per_epoch=6, num_workers=0)
+        trainer.fit(module, datamodule=data)
+        runs[channels_last] = module, layouts
+    (plain, plain_layouts), (nhwc, nhwc_layouts) = runs[False], runs[True]
+    assert plain_layouts.images == plain_layouts.grads == [False] * 3
+    assert nhwc_layouts.images == nhwc_layouts.grads == [True] * 3  # the option is in effect at every step
+    assert nhwc.model.decoder.conv_refiner["4"].block1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    # the same computation up to rounding: the first step (same weights, same batch) to float32 rounding, the
+    # later ones a little further apart (AdamW's normalised updates of near-zero gradients differ)
+    assert nhwc.loss_history[0] == pytest.approx(plain.loss_history[0], rel=1e-5)
+    assert nhwc.loss_history == pytest.approx(plain.loss_history, rel=1e-3)
+    # its export has the release's (contiguous) layout and loads through the zoo
+    out = tmp_path / "nhwc.pth"
+    export_main([str(tmp_path / "True" / "ck" / "last.ckpt"), str(out)])
+    sd = torch.load(out, weights_only=True)
+    assert all(v.is_contiguous() for v in sd.values())
+    loaded = dkm_small(h=64, w=96, weights=out, **TINY_ARCH)
+    for k, v in nhwc.model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
 def test_scene_info_npz_partial_tree_and_depth_interpolation(tmp_path):
     root = make_megadepth_scene(tmp_path / "mega", n_pairs=2)
     info = np.load(root / "prep_scene_info" / "0001.npy", allow_pickle=True).item()

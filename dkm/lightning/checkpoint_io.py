@@ -41,7 +41,8 @@ def export_weights(ckpt_path, out_path) -> dict:
     sd = ckpt.get("state_dict")
     if sd is None:
         raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no 'state_dict')")
-    weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    # contiguous: a model trained with channels_last stores NHWC-strided weights; the .pth has the release's layout
+    weights = {k[len("model."):]: v.contiguous() for k, v in sd.items() if k.startswith("model.")}
     if not weights:
         raise ValueError(f"{ckpt_path}: no 'model.*' weights in its state_dict")
     atomic_save(weights, out_path)

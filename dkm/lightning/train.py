@@ -164,7 +164,8 @@ def train(cfg: DictConfig, out_dir) -> dict:
     module = DKMLightningModule(OmegaConf.to_container(cfg.model, resolve=True),
                                 OmegaConf.to_container(cfg.loss, resolve=True),
                                 OmegaConf.to_container(cfg.optim, resolve=True),
-                                log_images_every_n_steps=cfg.log_images_every_n_steps)
+                                log_images_every_n_steps=cfg.log_images_every_n_steps,
+                                channels_last=cfg.channels_last)
     trainer, best = build_trainer(cfg, out_dir, bench_callbacks)
     if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
