@@ -1,11 +1,13 @@
-"""bench/match_speed.py runs end to end on a tiny configuration (its numbers are for humans; here only
-that it runs, compares the variants and reports what it promises)."""
+"""bench/match_speed.py and bench/train_step.py run end to end on tiny configurations (their numbers are
+for humans; here only that they run, compare the variants and report what they promise)."""
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,3 +92,17 @@ def test_match_speed_bench_rejects_a_directory_without_the_release_layout(tmp_pa
     cmd = [sys.executable, str(REPO / "bench" / "match_speed.py"), "--release-code", str(tmp_path)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "no dkm/models/build_model.py" in res.stderr and "988ccbc" in res.stderr
+
+
+def test_train_step_bench_compares_layouts_on_the_same_batches():
+    cmd = [sys.executable, str(REPO / "bench" / "train_step.py"), "--h", "64", "--w", "96", "--batch", "2",
+           "--steps", "1", "--warmup", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    rows = {m.group(1): m.group(0).split() for m in re.finditer(r"^(nchw|channels_last) +\d.*$", res.stdout, re.M)}
+    assert set(rows) == {"nchw", "channels_last"}, res.stdout
+    # columns: variant, s/step, pairs/s, speed-up, loss at step 1
+    assert rows["nchw"][3] == "1.00x" and float(rows["channels_last"][3][:-1]) > 0
+    assert float(rows["nchw"][2]) == pytest.approx(2 / float(rows["nchw"][1]), rel=0.02)
+    # same seed, same batch: the two layouts compute the same first loss up to rounding
+    assert float(rows["channels_last"][4]) == pytest.approx(float(rows["nchw"][4]), rel=1e-5)

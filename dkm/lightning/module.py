@@ -54,7 +54,9 @@ class DKMLightningModule(pl.LightningModule):
     def forward(self, batch: dict) -> dict:
         return self.model(batch)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict, dict]:
+        """``(total loss, {term: loss}, model output)`` of a training batch: the computation of a training
+        step without its logging (also run by ``bench/train_step.py``)."""
         if self.channels_last:  # the (B, 3, H, W) images
             batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
                      for k, v in batch.items()}
@@ -68,6 +70,10 @@ class DKMLightningModule(pl.LightningModule):
         finally:
             if ce_weight is not None:
                 self.loss.ce_weight = default
+        return total, terms, out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        total, terms, out = self.compute_loss(batch)
         b = batch["query"].shape[0]
         value = float(total.detach())
         self.loss_history.append(value)
