@@ -163,6 +163,18 @@ def test_pose_benchmarks_ground_truth_and_half_failed(tmp_path, name, maker, cls
     assert all(r["e_pose"] == [90.0] * proto["ransac_repeats"] for r in records if r["pair_id"] in failing)
 
 
+def test_yfcc_rotation_flags_rotate_images_and_intrinsics(tmp_path):
+    # OANet's pair lists carry a rotation flag per image (multiples of 90 deg): the benchmark shows the matcher the
+    # rotated images and must rotate the intrinsics along, or the rotated pairs score as wrong poses
+    oracle = OracleMatcher(center=0.5)
+    root = make_yfcc(tmp_path, oracle=oracle, rotations=[(1, 0), (0, 3)])
+    bench = Yfcc100mBenchmark(root, **protocol("yfcc"))
+    metrics, records = bench.run(oracle)
+    assert metrics["num_pairs"] == len(records) == 8 and metrics["num_failed"] == 0
+    assert metrics["auc@5"] > 99, metrics
+    assert all(max(r["e_pose"]) < 0.05 for r in records), [r["e_pose"] for r in records]
+
+
 def test_missing_dataset_root_lists_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         build_benchmark({"name": "scannet", "data_root": str(tmp_path / "nowhere"), **protocol("scannet")})

@@ -34,7 +34,14 @@ def test_pose_errors_and_translation_sign_ambiguity():
     assert pose_errors(np.eye(3), -t, np.eye(3), t)[0] == pytest.approx(0.0, abs=1e-6)
     assert pose_errors(np.eye(3), np.array([0, 1.0, 0]), np.eye(3), t)[0] == pytest.approx(90.0)
     R, tr = relative_pose(np.eye(3), np.zeros(3), R10, t)
-    np.testing.assert_allclose(R, R10) and np.testing.assert_allclose(tr, t)
+    np.testing.assert_allclose(R, R10)
+    np.testing.assert_allclose(tr, t)
+    # world-to-camera poses: camera 1 rotated 90 deg about z and shifted, camera 2 at the identity rotation.
+    # x2 = R2 X + t2 = R2 R1^T (x1 - t1) + t2, so R = R1^T = Rz(-90) and t = t2 - Rz(-90) t1 (by hand)
+    Rz90 = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
+    R, tr = relative_pose(Rz90, np.array([1.0, 2.0, 3.0]), np.eye(3), np.array([0.5, 0, 0]))
+    np.testing.assert_allclose(R, Rz90.T)
+    np.testing.assert_allclose(tr, [0.5 - 2.0, 1.0, -3.0])  # Rz(-90) (1, 2, 3) = (2, -1, 3)
 
 
 def _two_views(n=200, seed=0):

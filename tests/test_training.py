@@ -94,7 +94,8 @@ def test_weighted_sampler_is_rank_consistent_and_disjoint():
     s.set_epoch(1)
     assert [k[0] for k in s] != [k[0] for k in full] and all(k[1] == 1 for k in s)
     ws = scene_weights(torch.utils.data.ConcatDataset([range(4), range(16)]), alpha=0.75)
-    np.testing.assert_allclose(ws[:4].numpy(), 4 ** -0.75) and np.testing.assert_allclose(ws[4:].numpy(), 16 ** -0.75)
+    np.testing.assert_allclose(ws[:4].numpy(), 4 ** -0.75)
+    np.testing.assert_allclose(ws[4:].numpy(), 16 ** -0.75)
 
 
 def test_sampler_and_loader_resume_mid_epoch_where_they_stopped():

@@ -42,8 +42,12 @@ def test_loss_matches_reference_value_and_gradients(geo):
     for s in (32, 16, 8, 4, 2, 1):
         assert logs[f"ce_{s}"].item() == pytest.approx(float(geo[f"loss_ce_s{s}"]), rel=1e-6)
         assert logs[f"regression_{s}"].item() == pytest.approx(float(geo[f"loss_depth_s{s}"]), rel=1e-6)
-        np.testing.assert_allclose(outs[s]["dense_flow"].grad.numpy(), geo[f"loss_grad_flow_s{s}"], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(outs[s]["dense_certainty"].grad.numpy(), geo[f"loss_grad_cert_s{s}"], rtol=0, atol=1e-4)
+        for key, ref in (("dense_flow", geo[f"loss_grad_flow_s{s}"]), ("dense_certainty", geo[f"loss_grad_cert_s{s}"])):
+            # relative to the scale's largest reference gradient (as small as 3e-5 at fine scales: an absolute
+            # tolerance of that size would let a missing gradient pass)
+            assert np.abs(ref).max() > 0, (s, key)
+            np.testing.assert_allclose(outs[s][key].grad.numpy(), ref, rtol=1e-3, atol=1e-2 * np.abs(ref).max(),
+                                       err_msg=f"scale {s} {key}")
         # the gating at scales <= 8 leaves exactly the reference's supervised pixels
         assert logs[f"valid_{s}"].item() == pytest.approx(float((geo[f"loss_prob_s{s}"] > 0).mean()), abs=1e-6)
 
