@@ -175,6 +175,77 @@ def test_yfcc_rotation_flags_rotate_images_and_intrinsics(tmp_path):
     assert all(max(r["e_pose"]) < 0.05 for r in records), [r["e_pose"] for r in records]
 
 
+#: The published protocols, read off the releases (v11: Parskatt/DKM 988ccbc dkm/benchmarks/*.py; DKMv3: ef57565
+#: dkm/benchmarks/*.py and experiments/dkm/test_DKMv3_{indoor,outdoor}.py). The oracle tests above score exact
+#: matches, which any threshold accepts: this table is what pins the thresholds, offsets and sample counts.
+PUBLISHED_PROTOCOLS = {
+    # v11 hpatches_sequences_homog_benchmark: offset = 0, sample 20000, findHomography(3 * min(w2, h2) / 480, 0.99999)
+    "hpatches": {"center": 0.5, "num_samples": 20000, "ransac_thr": 3.0, "ransac_conf": 0.99999, "resolution": None},
+    # DKMv3: offset = 0.5, sample 5000, the same RANSAC; test_DKMv3_outdoor.test_hpatches: 540x720, no upsampling
+    "hpatches_dkmv3": {"center": 0.0, "num_samples": 5000, "ransac_thr": 3.0, "ransac_conf": 0.99999,
+                       "resolution": [540, 720], "upsample_preds": False},
+    # v11 scannet_benchmark: offset 0.5, sample 10000, short side 480, 1.0 / (mean(K1[:2,:2]) + mean(K2[:2,:2])),
+    # conf 0.9999999, one estimate
+    "scannet": {"center": 0.0, "num_samples": 10000, "scale_side": "short", "scale_to": 480, "threshold_px": 1.0,
+                "threshold_norm": "mean", "ransac_conf": 0.9999999, "ransac_repeats": 1, "shuffle_repeats": False},
+    # DKMv3 scannet_benchmark: sample 5000, 0.5 / (mean|K1| + mean|K2|), conf 0.99999, five shuffled estimates;
+    # test_DKMv3_indoor: 480x640, no upsampling
+    "scannet_dkmv3": {"center": 0.0, "num_samples": 5000, "scale_side": "short", "scale_to": 480, "threshold_px": 0.5,
+                      "threshold_norm": "mean_abs", "ransac_conf": 0.99999, "ransac_repeats": 5,
+                      "shuffle_repeats": True, "resolution": [480, 640], "upsample_preds": False},
+    # v11 yfcc100m_benchmark: sample 20000, short side 480, 1.0 / (mean + mean), conf 0.9999999
+    "yfcc": {"center": 0.5, "num_samples": 20000, "scale_side": "short", "scale_to": 480, "threshold_px": 1.0,
+             "threshold_norm": "mean", "ransac_conf": 0.9999999, "ransac_repeats": 1},
+    # DKMv3 megadepth1500_benchmark: no offset, sample 5000, long side 1200, 0.5 / (mean|K1| + mean|K2|), conf
+    # 0.99999, five shuffled estimates; test_DKMv3_outdoor: 660x880, upsampling at 1152x1536
+    "megadepth1500": {"center": 0.5, "num_samples": 5000, "scale_side": "long", "scale_to": 1200,
+                      "threshold_px": 0.5, "threshold_norm": "mean_abs", "ransac_conf": 0.99999,
+                      "ransac_repeats": 5, "shuffle_repeats": True},
+    "megadepth1500_dkmv3": {"center": 0.5, "num_samples": 5000, "scale_side": "long", "scale_to": 1200,
+                            "threshold_px": 0.5, "threshold_norm": "mean_abs", "ransac_conf": 0.99999,
+                            "ransac_repeats": 5, "shuffle_repeats": True, "resolution": [660, 880],
+                            "upsample_preds": True, "upsample_res": [1152, 1536]},
+    "megadepth_8_scenes": {"center": 0.5, "num_samples": 5000, "threshold_px": 0.5, "threshold_norm": "mean_abs",
+                           "ransac_repeats": 5, "resolution": [660, 880], "upsample_preds": True,
+                           "upsample_res": [1152, 1536]},
+}
+
+
+def test_benchmark_configs_hold_the_published_protocols():
+    configs = sorted(p.stem for p in (REPO / "conf" / "benchmark").glob("*.yaml"))
+    assert configs == sorted(PUBLISHED_PROTOCOLS), "a benchmark config without its published protocol here"
+    for name, expected in PUBLISHED_PROTOCOLS.items():
+        proto = protocol(name)
+        assert {k: proto.get(k) for k in expected} == expected, name
+
+
+@pytest.mark.parametrize("name,norm_thresh,conf,repeats", [
+    ("scannet", 1.0 / 578.15, 0.9999999, 1),        # 1 / ((577.6 + 578.7) / 4 + (577.6 + 578.7) / 4): a 1 px threshold
+    ("scannet_dkmv3", 0.5 / 578.15, 0.99999, 5),    # 0.5 / (mean|K1[:2,:2]| + mean|K2[:2,:2]|)
+])
+def test_scannet_ransac_gets_the_protocols_normalized_threshold(tmp_path, monkeypatch, name, norm_thresh, conf,
+                                                                 repeats):
+    import dkm.benchmarks.relative_pose as rp
+
+    calls = []
+    real = rp.estimate_pose_opencv
+
+    def spy(k1, k2, K1, K2, thresh, ransac_conf):
+        calls.append((thresh, ransac_conf))
+        return real(k1, k2, K1, K2, thresh, ransac_conf)
+
+    monkeypatch.setattr(rp, "estimate_pose_opencv", spy)
+    oracle = OracleMatcher(center=0.0)
+    root = make_scannet(tmp_path, n_pairs=2, oracle=oracle)  # 640x480 images, fx = 577.6, fy = 578.7 (scale 1)
+    proto = protocol(name)
+    proto.pop("resolution", None), proto.pop("upsample_preds", None)  # (the oracle has no internal resolution)
+    metrics, _ = ScanNetBenchmark(root, **proto).run(oracle)
+    assert metrics["auc@5"] > 99
+    assert len(calls) == 2 * repeats
+    for thresh, c in calls:
+        assert thresh == pytest.approx(norm_thresh, rel=1e-12) and c == conf
+
+
 def test_missing_dataset_root_lists_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         build_benchmark({"name": "scannet", "data_root": str(tmp_path / "nowhere"), **protocol("scannet")})
