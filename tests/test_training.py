@@ -66,6 +66,28 @@ def test_homography_dataset_ground_truth_is_consistent():
     assert frac > 0.5 and err < 0.2 and err_shifted > 1.3 * err
 
 
+def test_homography_ground_truth_is_exact_at_pixel_centres(monkeypatch):
+    import dkm.data.homography as homography
+
+    # to_center_half, by hand: a scaling by 2 about OpenCV's integer pixel (0, 0) fixes that pixel's centre,
+    # which is at 0.5 in the i + 0.5 frame, and sends pixel 1 (centre 1.5) to pixel 2 (centre 2.5)
+    Hs = homography.to_center_half(np.diag([2.0, 2.0, 1.0]))
+    np.testing.assert_allclose(Hs @ [0.5, 0.5, 1.0], [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(Hs @ [1.5, 1.5, 1.0], [2.5, 2.5, 1.0])
+    # the dataset's ground truth for a known warp of OpenCV's (integer-centre) frame: query pixel (i, j) goes to
+    # u = 1.1 j + 3, v = 0.9 i - 2, i.e. to normalized x = (2u + 1) / W - 1, y = (2v + 1) / H - 1
+    H = np.array([[1.1, 0.0, 3.0], [0.0, 0.9, -2.0], [0.0, 0.0, 1.0]])
+    monkeypatch.setattr(homography, "random_homography", lambda *a, **k: H)
+    h, w = 24, 32
+    ds = SyntheticHomographyDataset(skimage_images(["astronaut"]), h=h, w=w, length=1, photometric=0.0)
+    warp, valid = gt_warp(collate([ds[0]]), h, w)
+    i, j = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    expected = np.stack([(2 * (1.1 * j + 3.0) + 1) / w - 1, (2 * (0.9 * i - 2.0) + 1) / h - 1], axis=-1)
+    np.testing.assert_allclose(warp[0].double().numpy(), expected, atol=1e-5)
+    inside = (np.abs(expected) < 1).all(-1)
+    assert valid[0].numpy().sum() > 0.5 * h * w and (valid[0].numpy() <= inside).all()
+
+
 def test_missing_or_corrupt_data_fails_with_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="prep_scene_info"):
         build_megadepth(tmp_path / "nothing")
