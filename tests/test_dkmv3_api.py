@@ -10,7 +10,7 @@ from dkm import build_model
 from dkm.geometry.coords import normalized_grid
 from dkm.models import decoder as decoder_module
 from dkm.models.local_correlation import chunk_for_budget, local_correlation, rows_for_budget
-from dkm.models.sampling import SAMPLE_MODES, kde_density, sample_matches
+from dkm.models.sampling import SAMPLE_MODES, kde_density, mode_weights, sample_matches
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,33 @@ def test_sample_modes_are_seeded_and_without_replacement(mode):
     assert torch.equal(i1, i2) and i1.numel() == 100 and i1.unique().numel() == 100
     if not mode.startswith("naive"):
         assert (c[i1] > 0).all()
+
+
+def test_stage_one_weights_of_each_mode():
+    c = torch.tensor([0.0, 0.001, 0.04, 0.05, 0.06, 0.125, 0.9, 1.0])
+    torch.testing.assert_close(mode_weights(c, "proportional"), c)
+    torch.testing.assert_close(mode_weights(c, "threshold_balanced"),
+                               torch.tensor([0.0, 0.001, 0.04, 0.05, 1.0, 1.0, 1.0, 1.0]))  # > 0.05 counts as 1
+    torch.testing.assert_close(mode_weights(c, "pow"), c ** (1 / 3))
+    assert mode_weights(c, "pow")[5].item() == pytest.approx(0.5)  # 0.125 ** (1/3)
+    torch.testing.assert_close(mode_weights(c, "naive_balanced"), torch.ones(8))
+
+
+def test_balanced_sampling_drops_isolated_matches_and_plain_sampling_keeps_them():
+    # 1900 matches in a tight cluster and 100 isolated ones on a lattice of spacing 0.5 (kernel std 0.1: each is
+    # its own only neighbour, density ~1 < 10), all of certainty 1
+    rng = np.random.default_rng(0)
+    cluster = torch.from_numpy(rng.normal(0, 0.01, (1900, 4))).float()
+    ticks = torch.tensor([-1.0, -0.5, 0.5, 1.0])
+    lattice = torch.cartesian_prod(ticks, ticks, ticks, ticks)[torch.from_numpy(rng.permutation(256)[:100])]
+    matches, certainty = torch.cat([cluster, lattice]), torch.ones(2000)
+    isolated = lambda idx: int((idx >= 1900).sum())  # noqa: E731
+    balanced = [isolated(sample_matches(matches, certainty, 200, "threshold_balanced",
+                                        generator=torch.Generator().manual_seed(s))[0]) for s in range(5)]
+    plain = [isolated(sample_matches(matches, certainty, 200, "threshold",
+                                     generator=torch.Generator().manual_seed(s))[0]) for s in range(5)]
+    assert balanced == [0] * 5, balanced
+    assert 20 <= sum(plain) <= 80, plain  # uniform draws: 5% of 5 x 200 = 50 expected
 
 
 def test_train_forward_backward_reaches_v3_parameters(tiny):
