@@ -9,6 +9,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
@@ -71,6 +72,40 @@ def test_internal_resolution_and_original_resolution(small, rgb):
     assert w.shape == (32, 64, 4)
     w, c = small.match(rgb, rgb.resize((100, 90)), do_pred_in_og_res=True)
     assert w.shape == (120, 160, 4) and c.shape == (120, 160)
+    torch.testing.assert_close(w[..., :2], normalized_grid(120, 160))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_prediction_in_original_resolution_refines_there_three_times(small, rgb, monkeypatch, fast):
+    """do_pred_in_og_res (v11): the internal prediction bilinearly upsampled to im1's size, then three passes of
+    the stride-1 refiner on the full-resolution images, each adding sigmoid(dc) * disp / (4W, 4H) to the flow
+    and dc to the certainty logit (the release's upsample_preds). A stub refiner with a constant output pins it."""
+    support_im = rgb.transpose(Image.FLIP_LEFT_RIGHT).resize((100, 90))
+    internal, internal_cert = small.match(rgb, support_im, fast=fast)  # (64, 96): the real refiners
+    calls = []
+    refiner = small.decoder.conv_refiner["1"]
+    real_forward = refiner.forward
+
+    def forward(query, support, flow, **kwargs):  # the stub at full resolution, the real refiner elsewhere
+        if query.shape[-2:] != (120, 160):
+            return real_forward(query, support, flow, **kwargs)
+        calls.append((tuple(query.shape), tuple(support.shape), tuple(flow.shape)))
+        b, _, h, w = flow.shape
+        dc = torch.full((b, 1, h, w), 0.4, dtype=flow.dtype)
+        disp = torch.stack([torch.full((b, h, w), 8.0), torch.full((b, h, w), -4.0)], 1).to(flow.dtype)
+        return dc, disp
+
+    monkeypatch.setattr(refiner, "forward", forward)
+    w, c = small.match(rgb, support_im, do_pred_in_og_res=True, fast=fast)
+    assert calls == [((1, 3, 120, 160), (1, 3, 90, 100), (1, 2, 120, 160))] * 3
+    up = F.interpolate(internal[..., 2:].permute(2, 0, 1)[None], size=(120, 160), mode="bilinear",
+                       align_corners=False)[0].permute(1, 2, 0)
+    gate = torch.sigmoid(torch.tensor(0.4))
+    expected = (up + 3 * gate * torch.tensor([8.0 / (4 * 160), -4.0 / (4 * 120)])).clamp(-1, 1)
+    torch.testing.assert_close(w[..., 2:], expected, atol=2e-5, rtol=0)
+    logit = torch.logit(internal_cert.double(), eps=0).float()[None, None]
+    up_logit = F.interpolate(logit, size=(120, 160), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(c, torch.sigmoid(up_logit + 3 * 0.4), atol=1e-4, rtol=0)
     torch.testing.assert_close(w[..., :2], normalized_grid(120, 160))
 
 
