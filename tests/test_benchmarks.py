@@ -62,6 +62,46 @@ def test_hpatches_known_shift_gives_hand_computed_auc(hpatches_oracle):
     assert metrics["auc@10"] == pytest.approx(100 * 8.1 / 10, abs=0.01)
 
 
+def test_hpatches_normalizes_by_the_second_images_short_side(tmp_path):
+    # A sequence whose images 2..6 are half the size of image 1 (HPatches' images differ in size): errors and the
+    # RANSAC threshold are in image k's pixels, normalized by min(h_k, w_k) / 480 = 0.5
+    import cv2
+
+    from synthetic_benchmarks import random_homography, texture
+
+    rng = np.random.default_rng(1)
+    d = tmp_path / "hpatches-sequences-release" / "v_half"
+    d.mkdir(parents=True)
+    im1 = texture(480, 640, 7)
+    Image.fromarray(im1).save(d / "1.ppm")
+    oracle = OracleMatcher(center=0.0)
+    grid = np.stack(np.meshgrid(np.arange(8, 632, 16.0), np.arange(8, 472, 16.0)), -1).reshape(-1, 2)
+    for k in range(2, 7):
+        H = np.diag([0.5, 0.5, 1.0]) @ random_homography(rng, 480, 640)
+        im2 = cv2.warpPerspective(im1, H, (320, 240), flags=cv2.INTER_LINEAR)
+        Image.fromarray(im2).save(d / f"{k}.ppm")
+        np.savetxt(d / f"H_1_{k}", H)
+        q = np.c_[grid, np.ones(len(grid))] @ H.T
+        q = q[:, :2] / q[:, 2:]
+        keep = (q[:, 0] > 0) & (q[:, 0] < 319) & (q[:, 1] > 0) & (q[:, 1] < 239)
+        oracle.register(im1, im2, grid[keep], q[keep])
+    bench = HpatchesHomogBenchmark(tmp_path, **(protocol("hpatches") | {"center": 0.0}))
+    # every match 2 px off in image k: corner errors of 2 px there, 4 after normalisation. Five errors of 4: the
+    # release's curve (trapezoids between sorted errors, from (0, 0)) rises to (4, 0.2), then to recall 1; a
+    # threshold below the first error scores 0: AUC@3 = 0, AUC@5 = (0.4 + 1) / 5, AUC@10 = (0.4 + 6) / 10
+    # (normalized by image 1's side instead, the errors of 2 would give AUC@3 = 40 and AUC@5 = 64)
+    oracle.corrupt = lambda p1, p2: (p1, p2 + np.array([2.0, 0.0]))
+    metrics, records = bench.run(oracle)
+    assert [r["corner_error"] for r in records] == pytest.approx([4.0] * 5, abs=1e-6)
+    assert (metrics["auc@3"], metrics["auc@5"], metrics["auc@10"]) == pytest.approx((0.0, 28.0, 64.0), abs=1e-5)
+    # a quarter of the matches 2.2 px off: outside the scaled RANSAC threshold (3 * 0.5 = 1.5 px), inside 3 px
+    oracle.corrupt = lambda p1, p2: (p1, p2 + np.where(np.arange(len(p2)) % 4 == 0, 2.2, 0.0)[:, None] * [0, 1])
+    _, records = bench.run(oracle)
+    oracle.corrupt = None
+    for r in records:
+        assert r["inliers"] == r["num_matches"] - (r["num_matches"] + 3) // 4 and r["corner_error"] < 1e-3, r
+
+
 def test_hpatches_failed_pairs_are_recorded_and_scored(hpatches_oracle):
     root, oracle = hpatches_oracle
     oracle.corrupt = lambda p1, p2: (p1[:3], p2[:3])  # too few matches for a homography
