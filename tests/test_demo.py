@@ -42,6 +42,23 @@ def test_demo_writes_pictures_and_matches_in_the_original_pixels(pair, tmp_path)
     np.testing.assert_allclose(z0["kpts_A"], z["kpts_A"] - 0.5, atol=1e-4)  # same seed, other pixel frame
 
 
+def test_demo_keypoints_are_the_sampled_dense_matches_in_each_images_pixels(pair):
+    from dkm.demo import match_pair
+
+    torch.manual_seed(0)
+    model = dkm_small(h=64, w=96, weights=pair / "small.pth")
+    r = match_pair(model, pair / "a.png", pair / "b.jpg", num=50)
+    # query keypoints sit on the internal 96x64 grid of pixel centres, in A's 160x120 pixels (centre 0.5):
+    # x = (j + 0.5) * 160 / 96, y = (i + 0.5) * 120 / 64 for integers i, j
+    j = r["kpts_A"][:, 0] * 96 / 160 - 0.5
+    i = r["kpts_A"][:, 1] * 64 / 120 - 0.5
+    np.testing.assert_allclose(j, np.round(j), atol=1e-3)
+    np.testing.assert_allclose(i, np.round(i), atol=1e-3)
+    # and each support keypoint is the dense warp at that query pixel, in B's 150x100 pixels: u = W (x + 1) / 2
+    target = r["warp"][np.round(i).astype(int), np.round(j).astype(int), 2:].numpy()
+    np.testing.assert_allclose(r["kpts_B"], (target + 1) / 2 * [150, 100], atol=1e-3)
+
+
 def test_demo_needs_weights(pair, capsys):
     with pytest.raises(SystemExit):
         main([str(pair / "a.png"), str(pair / "b.jpg"), "--arch", "dkm_small"])
