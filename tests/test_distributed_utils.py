@@ -23,7 +23,7 @@ def test_shard_covers_every_index_once():
             parts = [shard(range(n), r, world) for r in range(world)]
             assert sorted(i for p in parts for i in p) == list(range(n))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rank 2 out of range for world size 2"):
         shard(range(3), 2, 2)
 
 
