@@ -58,6 +58,21 @@ def test_depth_datasets_give_consistent_ground_truth(tmp_path, kind):
     assert err < 0.15 and err_shifted > 1.5 * err, (err, err_shifted)
 
 
+def test_in_plane_rotation_augmentation_keeps_the_ground_truth_exact(tmp_path):
+    # rot_prob=1: every query rotated (kornia, about the image centre) with the rotation folded into K1; the
+    # support pulled back through the ground truth still reproduces the rotated query, and half a pixel of
+    # error in that folding would show (0.5 px: 2.4x the photometric error here)
+    root = make_megadepth_scene(tmp_path)
+    plain = build_megadepth(root, exclude_scenes=(), h=96, w=128, shake_t=8)
+    rotated = build_megadepth(root, exclude_scenes=(), h=96, w=128, shake_t=8, rot_prob=1.0)
+    for i in range(2):
+        a, b = collate([plain[i]]), collate([rotated[i]])
+        assert not torch.allclose(a["query"], b["query"]) and torch.equal(a["support"], b["support"])
+        err, frac = photo_error(b)
+        err_half, _ = photo_error(b, shift_px=0.5)
+        assert frac > 0.5 and err < 1.2 * photo_error(a)[0] and err_half > 2 * err, (err, err_half)
+
+
 def test_homography_dataset_ground_truth_is_consistent():
     ds = SyntheticHomographyDataset(skimage_images(["astronaut"]), h=96, w=128, length=4, photometric=0.0)
     batch = collate([ds[0], ds[1]])
