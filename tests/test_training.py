@@ -397,6 +397,17 @@ def test_scene_info_npz_partial_tree_and_depth_interpolation(tmp_path):
         build_scannet(sroot, check="all")  # ... "all" names the missing file
 
 
+def test_depth_resize_modes_by_hand():
+    from dkm.data.pairs import resize_depth
+
+    depth = torch.tensor([[2.0, 0.0]])  # a valid depth next to a hole, upsampled to 4 columns
+    # bilinear, pixel centres (align_corners=False): samples at -0.25 (clamped), 0.25, 0.75, 1.25 (clamped)
+    torch.testing.assert_close(resize_depth(depth, 1, 4, "bilinear"), torch.tensor([[2.0, 1.5, 0.5, 0.0]]))
+    torch.testing.assert_close(resize_depth(depth, 1, 4, "nearest"), torch.tensor([[2.0, 2.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="depth_interpolation must be one of"):
+        resize_depth(depth, 1, 4, "bicubic")
+
+
 def test_indoor_recipe_alternates_sources_and_weights_the_bce(tmp_path):
     mroot, sroot = make_megadepth_scene(tmp_path / "mega"), make_scannet_scene(tmp_path / "scannet")
     dm = DKMDataModule([{"kind": "megadepth", "data_root": str(mroot), "exclude_scenes": []},
