@@ -27,9 +27,9 @@ class DKMLightningModule(pl.LightningModule):
         log_images_every_n_steps: 0 disables the warp images.
         channels_last: train in the channels-last (NHWC) memory format: the model's 4-D weights and the
             batch's images (in ``training_step``); every convolution then runs channels-last.
-            The same computation up to rounding; on CPU a step takes about 0.7x the time (oneDNN's
-            NCHW backward kernels, the depthwise ones above all, are slow), on GPUs it mainly pays
-            with mixed precision.
+            The same computation up to rounding; on CPU a step takes about 0.75x the time (PyTorch's
+            NCHW convolution backward is slow there, the depthwise refiner convolutions' above all);
+            on GPUs it mainly pays with mixed precision (``bench/train_step.py`` measures both).
     """
 
     def __init__(self, model: dict, loss: dict, optim: dict, log_images_every_n_steps: int = 1000,
