@@ -278,7 +278,8 @@ def test_scannet_ransac_gets_the_protocols_normalized_threshold(tmp_path, monkey
     oracle = OracleMatcher(center=0.0)
     root = make_scannet(tmp_path, n_pairs=2, oracle=oracle)  # 640x480 images, fx = 577.6, fy = 578.7 (scale 1)
     proto = protocol(name)
-    proto.pop("resolution", None), proto.pop("upsample_preds", None)  # (the oracle has no internal resolution)
+    for key in ("resolution", "upsample_preds"):  # (the oracle has no internal resolution)
+        proto.pop(key, None)
     metrics, _ = ScanNetBenchmark(root, **proto).run(oracle)
     assert metrics["auc@5"] > 99
     assert len(calls) == 2 * repeats
