@@ -357,10 +357,11 @@ def test_channels_last_training_is_the_same_computation_in_nhwc(tmp_path):
     assert plain_layouts.images == plain_layouts.grads == [False] * 3
     assert nhwc_layouts.images == nhwc_layouts.grads == [True] * 3  # the option is in effect at every step
     assert nhwc.model.decoder.conv_refiner["4"].block1[0].weight.is_contiguous(memory_format=torch.channels_last)
-    # the same computation up to rounding: the first step (same weights, same batch) to float32 rounding, the
-    # later ones a little further apart (AdamW's normalised updates of near-zero gradients differ)
-    assert nhwc.loss_history[0] == pytest.approx(plain.loss_history[0], rel=1e-5)
-    assert nhwc.loss_history == pytest.approx(plain.loss_history, rel=1e-3)
+    # the same computation up to rounding: the first step (same weights, same batch) to float32 rounding as the
+    # GP amplifies it (1e-6 here), the later ones a little further apart (AdamW's normalised updates of near-zero
+    # gradients differ); a layout bug (e.g. a permuted view) would move the loss by tens of percent
+    assert nhwc.loss_history[0] == pytest.approx(plain.loss_history[0], rel=1e-4)
+    assert nhwc.loss_history == pytest.approx(plain.loss_history, rel=1e-2)
     # its export has the release's (contiguous) layout and loads through the zoo
     out = tmp_path / "nhwc.pth"
     export_main([str(tmp_path / "True" / "ck" / "last.ckpt"), str(out)])
