@@ -105,4 +105,4 @@ def test_train_step_bench_compares_layouts_on_the_same_batches():
     assert rows["nchw"][3] == "1.00x" and float(rows["channels_last"][3][:-1]) > 0
     assert float(rows["nchw"][2]) == pytest.approx(2 / float(rows["nchw"][1]), rel=0.02)
     # same seed, same batch: the two layouts compute the same first loss up to rounding
-    assert float(rows["channels_last"][4]) == pytest.approx(float(rows["nchw"][4]), rel=1e-5)
+    assert float(rows["channels_last"][4]) == pytest.approx(float(rows["nchw"][4]), rel=1e-4)
