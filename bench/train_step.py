@@ -39,10 +39,9 @@ VARIANTS = {
 def batches(n: int, batch: int, h: int, w: int, seed: int = 0) -> list[dict]:
     """``n`` batches of ``batch`` synthetic homography pairs of the quickstart's training photographs."""
     from dkm.data.datamodules import collate
-    from dkm.data.homography import SyntheticHomographyDataset, skimage_images
+    from dkm.data.homography import SKIMAGE_TRAIN, SyntheticHomographyDataset, skimage_images
 
-    ds = SyntheticHomographyDataset(skimage_images(["astronaut", "camera", "immunohistochemistry"]), h=h, w=w,
-                                    length=n * batch, seed=seed)
+    ds = SyntheticHomographyDataset(skimage_images(SKIMAGE_TRAIN), h=h, w=w, length=n * batch, seed=seed)
     return [collate([ds[i * batch + j] for j in range(batch)]) for i in range(n)]
 
 
@@ -76,7 +75,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         module = DKMLightningModule(model_cfg, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0,
                                     channels_last=channels_last).to(device)
-        opt = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.01)
+        # (configure_optimizers needs a Trainer for its LR schedule; the step's cost is AdamW's alone)
+        opt = torch.optim.AdamW(module.parameters(), lr=optim["lr_decoder"], weight_decay=optim["weight_decay"])
         runs[name] = {"module": module, "opt": opt, "dtype": dtype and getattr(torch, dtype), "times": [], "loss": None}
     data = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
             for b in batches(args.warmup + args.steps, args.batch, args.h, args.w, args.seed)]

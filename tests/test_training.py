@@ -61,7 +61,7 @@ def test_depth_datasets_give_consistent_ground_truth(tmp_path, kind):
 def test_in_plane_rotation_augmentation_keeps_the_ground_truth_exact(tmp_path):
     # rot_prob=1: every query rotated (kornia, about the image centre) with the rotation folded into K1; the
     # support pulled back through the ground truth still reproduces the rotated query, and half a pixel of
-    # error in that folding would show (0.5 px: 2.4x the photometric error here)
+    # error in that folding would show (0.5 px: about 2.5x the photometric error here)
     root = make_megadepth_scene(tmp_path)
     plain = build_megadepth(root, exclude_scenes=(), h=96, w=128, shake_t=8)
     rotated = build_megadepth(root, exclude_scenes=(), h=96, w=128, shake_t=8, rot_prob=1.0)
