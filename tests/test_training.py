@@ -695,3 +695,53 @@ def test_step_metrics_are_averaged_over_ranks_in_one_collective():
     assert {k: v.item() for k, v in out.items()} == {"train/a": 1.5, "train/b": 6.0}
     module._trainer = SimpleNamespace(world_size=1, strategy=None)
     assert module._mean_over_ranks({"train/a": 2.0})["train/a"].item() == 2.0
+
+
+class _HostCopies(pl.Callback):
+    """Counts, per training step, the calls that copy a tensor to the host (on a GPU each one waits for
+    the queued kernels: in ``training_step`` it would stall the device before every backward pass), and
+    records each step's loss as the training loop returns it."""
+
+    METHODS = ("__float__", "item", "tolist", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.copies, self.losses = monkeypatch, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.copies.append(0)
+        step = pl_module.training_step
+
+        def counted(*args, **kwargs):
+            with self.monkeypatch.context() as m:
+                for name in self.METHODS:
+                    def count(t, *a, _orig=getattr(torch.Tensor, name), **k):
+                        self.copies[-1] += 1
+                        return _orig(t, *a, **k)
+                    m.setattr(torch.Tensor, name, count)
+                return step(*args, **kwargs)
+
+        self.monkeypatch.setattr(pl_module, "training_step", counted)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.monkeypatch.delattr(pl_module, "training_step")
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_training_step_copies_nothing_to_the_host_and_keeps_every_loss(tmp_path, monkeypatch):
+    optim = {"lr_encoder": 1e-4, "lr_decoder": 1e-4, "milestones": [0.5, 0.9]}
+    module = DKMLightningModule(TINY, {"ce_weight": 0.01}, optim, log_images_every_n_steps=0)
+    module.PENDING_LOSSES = 2  # the losses go to the host in one copy every 2 steps
+    copies = _HostCopies(monkeypatch)
+    trainer, _ = _trainer(tmp_path, 5, [copies], every_n_train_steps=100)
+    data = DKMDataModule([{"kind": "synthetic_homography", "images": ["astronaut"], "length": 10}], h=64, w=96,
+                         batch_size=2, samples_per_epoch=10, num_workers=0)
+    trainer.fit(module, datamodule=data)
+    assert copies.copies == [0, 1, 0, 1, 0]
+    assert module.loss_history == pytest.approx(copies.losses, rel=1e-6) and len(module.loss_history) == 5
+    # the smoothed loss, kept on the device: an exponential moving average with decay 0.99
+    ema = copies.losses[0]
+    for value in copies.losses[1:]:
+        ema = 0.99 * ema + 0.01 * value
+    assert float(trainer.callback_metrics["train/loss_ema"]) == pytest.approx(ema, rel=1e-6)
+    # and into the checkpoint as a number
+    assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["dkm_loss_ema"] == pytest.approx(ema, rel=1e-6)

@@ -46,13 +46,30 @@ class DKMLightningModule(pl.LightningModule):
         self.optim = dict(optim)
         self.log_images_every_n_steps = log_images_every_n_steps
         self._t_last = None
-        self.loss_history: list[float] = []  # per-batch training loss, for reports
+        # per-batch training losses, kept as device tensors until read (see loss_history): converting
+        # each to a float in training_step would stall a GPU before every backward pass
+        self._losses: list[float] = []
+        self._pending_losses: list[torch.Tensor] = []
         self._last_image_step: int | None = None
-        self.ema_decay, self.loss_ema = 0.99, None
+        self.ema_decay, self.loss_ema = 0.99, None  # loss_ema: a () tensor on the module's device
         self._reset_lr_on_start = False  # set when a checkpoint is loaded (on_load_checkpoint)
 
     def forward(self, batch: dict) -> dict:
         return self.model(batch)
+
+    #: losses kept on the device before they are copied to the host in one transfer
+    PENDING_LOSSES = 1000
+
+    @property
+    def loss_history(self) -> list[float]:
+        """The training loss of every batch so far (this rank's), as floats: for reports."""
+        self._move_losses_to_host()
+        return self._losses
+
+    def _move_losses_to_host(self) -> None:
+        if self._pending_losses:
+            self._losses += torch.stack(self._pending_losses).double().tolist()  # one copy
+            self._pending_losses.clear()
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict, dict]:
         """``(total loss, {term: loss}, model output)`` of a training batch: the computation of a training
@@ -75,12 +92,18 @@ class DKMLightningModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         total, terms, out = self.compute_loss(batch)
         b = batch["query"].shape[0]
-        value = float(total.detach())
-        self.loss_history.append(value)
+        value = total.detach().float()
+        self._pending_losses.append(value)
+        if len(self._pending_losses) >= self.PENDING_LOSSES:
+            self._move_losses_to_host()
         self.log("train/loss", total, prog_bar=True, batch_size=b, on_step=True, on_epoch=True, sync_dist=True)
         # a smoothed training loss (EMA, half-life ~70 steps): a steadier "best" than the raw loss when no
-        # benchmark callback is configured (the quickstart monitors it)
-        self.loss_ema = value if self.loss_ema is None else self.ema_decay * self.loss_ema + (1 - self.ema_decay) * value
+        # benchmark callback is configured (the quickstart monitors it); computed on the device
+        if self.loss_ema is None:
+            self.loss_ema = value
+        else:
+            self.loss_ema = torch.lerp(torch.as_tensor(self.loss_ema, dtype=value.dtype, device=value.device),
+                                       value, 1 - self.ema_decay)
         step_values = self._mean_over_ranks({"train/loss_ema": self.loss_ema} | {f"train/{k}": v for k, v in terms.items()})
         self.log_dict(step_values, batch_size=b, on_step=True, on_epoch=False)
         now = time.perf_counter()
@@ -114,7 +137,7 @@ class DKMLightningModule(pl.LightningModule):
         log_warp_image(self.logger, "train/warp", img, self.global_step, caption)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["dkm_loss_ema"] = self.loss_ema
+        checkpoint["dkm_loss_ema"] = None if self.loss_ema is None else float(self.loss_ema)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.loss_ema = checkpoint.get("dkm_loss_ema")
