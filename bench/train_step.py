@@ -105,7 +105,7 @@ def main() -> None:
     print(f"\n{'variant':20s} {'s/step':>8s} {'pairs/s':>8s} {'speed-up':>9s} {'loss at step 1':>15s}")
     for name, r in runs.items():
         t = statistics.median(r["times"])
-        print(f"{name:20s} {t:8.3f} {args.batch / t:8.2f} {base / t:8.2f}x {r['loss']:15.6f}")
+        print(f"{name:20s} {t:8.3f} {args.batch / t:8.3g} {base / t:8.2f}x {r['loss']:15.6f}")
 
 
 if __name__ == "__main__":
