@@ -12,6 +12,7 @@ source "$here/../lib.sh"
 root="${1:-data/scannet}"
 scenes="${2:?second argument: the extracted scannet_test_1500 directory}"
 npz="${3:-}"
+[ -d "$scenes" ] || { echo "no such directory: $scenes (expected the extracted scannet_test_1500 archive)" >&2; exit 1; }
 mkdir -p "$root"
 first="$(find "$scenes" -maxdepth 3 -type d -name 'scene0707_00' | head -n 1)"
 [ -n "$first" ] || { echo "no scene0707_00/ under $scenes" >&2; exit 1; }
