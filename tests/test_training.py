@@ -1,6 +1,8 @@
 """Training data, a few optimisation steps, checkpoints, resume and export (tiny, on CPU)."""
 from __future__ import annotations
 
+import ast
+import logging
 import math
 import re
 
@@ -10,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from dkm import dkm_small
+from dkm import build_model, dkm_small
 from dkm.data.datamodules import DKMDataModule, collate
 from dkm.data.homography import SyntheticHomographyDataset, skimage_images
 from dkm.data.megadepth import build_megadepth, scene_weights
@@ -259,7 +261,7 @@ def _trainer(tmp_path, max_steps, extra=(), every_n_train_steps=1):
                       enable_model_summary=False, default_root_dir=str(tmp_path)), last
 
 
-def test_lightning_fit_resume_and_export(tmp_path, recwarn):
+def test_lightning_fit_resume_and_export(tmp_path, recwarn, caplog):
     def data(workers=0):  # epochs of 4 batches of 2
         return DKMDataModule([{"kind": "synthetic_homography", "images": ["astronaut"], "length": 8}], h=64, w=96,
                              batch_size=2, samples_per_epoch=8, num_workers=workers, persistent_workers=workers > 0)
@@ -314,8 +316,16 @@ def test_lightning_fit_resume_and_export(tmp_path, recwarn):
     assert [g["lr"] for g in longer.optimizers[0].param_groups] == pytest.approx([1e-4 * 0.2] * 2)
     # export to the upstream layout and load it through the zoo
     out = tmp_path / "exported.pth"
-    export_main([str(tmp_path / "c" / "ck" / "last.ckpt"), str(out)])
+    with caplog.at_level(logging.INFO, logger="dkm.lightning.export"):
+        export_main([str(tmp_path / "c" / "ck" / "last.ckpt"), str(out)])
     sd = torch.load(out, weights_only=True)
+    # the .pth holds no config: the log says how the model was built, as a call that rebuilds it exactly
+    hint = next(r.getMessage() for r in caplog.records if "holds the weights only" in r.getMessage())
+    assert "trained as dkm_small at 64x96" in hint
+    rebuilt = build_model(ast.literal_eval(hint.split("dkm.build_model(", 1)[1].split("), or use", 1)[0]))
+    assert (rebuilt.h_resized, rebuilt.w_resized) == (64, 96)
+    for k, v in module2.model.state_dict().items():
+        torch.testing.assert_close(rebuilt.state_dict()[k], v)
     assert not any(k.startswith("model.") for k in sd) and set(sd) == set(module2.model.state_dict())
     loaded = dkm_small(h=64, w=96, weights=out, **TINY_ARCH)
     for k, v in module2.model.state_dict().items():
