@@ -41,7 +41,9 @@ def main(cfg: DictConfig) -> None:
         wandb.finish()  # flush now, so that the report below stays the last output
     print(f"checkpoint: {result['last_ckpt']}")
     if result["best_ckpt"]:
-        print(f"best checkpoint: {result['best_ckpt']}")
+        best = Path(result["best_ckpt"])
+        earlier = "" if best.resolve().is_relative_to(out_dir.resolve()) else " (written by the run this one resumed)"
+        print(f"best checkpoint: {best}{earlier}")
     wandb_dir = out_dir / "wandb"
     if wandb_dir.exists():
         print(f"W&B run files: {wandb_dir} (offline runs: `wandb sync {wandb_dir}/offline-run-*`)")

@@ -627,6 +627,13 @@ def test_checkpoints_follow_the_run_end_and_the_monitored_evaluation(tmp_path):
               f"ckpt_path={tmp_path / 'g' / 'checkpoints' / 'last.ckpt'}")
     assert step_of(res["last_ckpt"]) == 4 and not list((tmp_path / "g" / "checkpoints").glob("last-v*.ckpt"))
 
+    # a step where both save: last.ckpt holds the best-k state with that step's best checkpoint in it, so
+    # that a run resumed from last.ckpt keeps track of (and, past save_top_k, deletes) it
+    res = run("i", "trainer.max_steps=2", "checkpoint.every_n_train_steps=2", "checkpoint.monitor=train/loss_ema")
+    states = torch.load(res["last_ckpt"], map_location="cpu", weights_only=False)["callbacks"]
+    best_state = next(v for k, v in states.items() if k.startswith("BestCheckpoint"))
+    assert Path(best_state["best_model_path"]).name == "best-2.ckpt" == Path(res["best_ckpt"]).name
+
     with pytest.raises(ValueError, match=r"no such metric source.*\['hpatches'\]"):
         run("c", *bench, "trainer.max_steps=2", "checkpoint.monitor=hpatch/auc@5")
     with pytest.raises(ValueError, match=r"monitor=train/los_ema: the training step logs no such .*'train/loss_ema'"):

@@ -118,7 +118,9 @@ def build_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks=()) -> tuple[p
     benchmarks = [c for c in extra_callbacks if hasattr(c, "benchmark")]
     last, best = build_checkpoints(ck, out_dir / "checkpoints", benchmarks)
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir)
-    callbacks = [c for c in (last, best) if c is not None] + [PruneRequeueCheckpoints(), *extra_callbacks]
+    # best before last: at a step where both save, last.ckpt then holds the best-k state that includes
+    # that step's best checkpoint (the other order leaves it out, and a run resumed from last.ckpt forgets it)
+    callbacks = [c for c in (best, last) if c is not None] + [PruneRequeueCheckpoints(), *extra_callbacks]
     if logger is not None:  # (logger=none: LearningRateMonitor refuses a Trainer without a logger)
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
