@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -520,3 +521,28 @@ def test_sift_keypoints_are_at_opencv_pixel_centres_also_after_downscaling():
         pts = matcher._detect(im.convert("RGB"))[0]
         nearest = pts[np.argmin(np.linalg.norm(pts - at, axis=1))]
         np.testing.assert_allclose(nearest, at, atol=tol)
+
+
+def test_sift_sample_draws_by_score_among_the_candidates_and_is_reproducible():
+    """``SiftMatcher.sample`` (the dense matchers' ``sample`` signature): candidates are the matches
+    with ``certainty / max > relative_confidence_threshold`` and certainty > 0; all of them when
+    ``num`` covers them, else ``num`` distinct ones drawn in proportion to certainty, the same draw
+    for the same generator seed."""
+    matches = np.arange(40, dtype=np.float64).reshape(10, 4)
+    certainty = np.array([1.0, 0.9, 0.8, 0.05, 0.0, 0.7, 0.02, 0.6, 0.5, 0.4])
+    m, c = SiftMatcher.sample(matches, certainty, 100, relative_confidence_threshold=0.1)
+    np.testing.assert_array_equal(c, certainty[[0, 1, 2, 5, 7, 8, 9]])  # 0.05, 0.0, 0.02 are out
+    np.testing.assert_array_equal(m, matches[[0, 1, 2, 5, 7, 8, 9]])
+    draw = [SiftMatcher.sample(matches, certainty, 3, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    np.testing.assert_array_equal(draw[0][0], draw[1][0])
+    for m, c in draw:
+        rows = (m[:, 0] // 4).astype(int)
+        assert len(set(rows)) == 3 and 4 not in rows  # without replacement, never the zero-certainty match
+        np.testing.assert_array_equal(c, certainty[rows])  # each certainty stays with its match
+    # in proportion to certainty: over many draws of one match, P(row) = c / sum(c)
+    rng = np.random.default_rng(0)
+    counts = np.bincount([int(SiftMatcher.sample(matches, certainty, 1, generator=rng)[0][0, 0]) // 4
+                          for _ in range(4000)], minlength=10)
+    np.testing.assert_allclose(counts / 4000, certainty / certainty.sum(), atol=0.02)
+    empty = SiftMatcher.sample(np.zeros((0, 4)), np.zeros(0), 5)
+    assert empty[0].shape == (0, 4) and empty[1].shape == (0,)
