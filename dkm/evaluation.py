@@ -145,8 +145,7 @@ def model_config_for(cfg_model: dict, ckpt) -> dict:
     and resolution it was trained with (stored in it) replace the command line's."""
     from .models.zoo import checkpoint_model_config
 
-    skip = {"fast", "weights", "pretrained", "backbone_weights"}  # inference choices and weight sources
-    stored = {k: v for k, v in (checkpoint_model_config(ckpt) or {}).items() if k not in skip}
+    stored = checkpoint_model_config(ckpt) or {}
     changed = {k: v for k, v in stored.items() if cfg_model.get(k) != v}
     if changed:
         log.info("%s carries the model config it was trained with; using it: %s", ckpt, changed)

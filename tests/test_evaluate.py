@@ -160,14 +160,15 @@ def test_dkmv3_outdoor_on_megadepth_8_scenes_runs_the_upsampling_pass(tmp_path):
 
 def test_lightning_checkpoint_brings_its_model_config(tiny_hpatches, tmp_path):
     """A train.py .ckpt stores the model config it was trained with: evaluate.py builds that
-    architecture at that resolution, whatever model= says (here the default dkm_base)."""
+    architecture at that resolution, whatever model= says (here the default dkm_base); the inference
+    path (``fast``) and the weight sources stay the command line's."""
     import torch
 
     from dkm.models.zoo import build_model
 
     trained = {"arch": "dkm_small", "h": 64, "w": 96, "weights": None, "pretrained": False,
-               "backbone_weights": None, "fast": True}
-    model = build_model(trained)
+               "backbone_weights": "/elsewhere/resnet50.pth", "fast": False}
+    model = build_model(trained | {"backbone_weights": None})
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "hyper_parameters": {"model": trained, "loss": {}, "optim": {}}}, ckpt)
@@ -177,3 +178,4 @@ def test_lightning_checkpoint_brings_its_model_config(tiny_hpatches, tmp_path):
     res = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert res["model"]["arch"] == "dkm_small" and (res["model"]["h"], res["model"]["w"]) == (64, 96)
     assert res["protocol"]["effective_resolution"] == [64, 96] and res["model"]["weights"] == str(ckpt)
+    assert res["model"]["fast"] is True and res["model"]["backbone_weights"] is None

@@ -35,11 +35,10 @@ def main(argv=None) -> None:
 
 def load_hint(model_cfg: dict, out: str) -> str:
     """How to rebuild the exported model: a ``.pth`` holds weights only, not the architecture's settings
-    or the resolution it was trained at (``model_cfg``: the ``.ckpt``'s stored ``conf/model`` keys)."""
-    keep = {k: v for k, v in model_cfg.items() if k not in ("weights", "pretrained", "backbone_weights", "fast")}
-    call = ", ".join(f"{k!r}: {v!r}" for k, v in {**keep, "weights": str(out)}.items())
-    return (f"{out} holds the weights only; the model was trained as {keep['arch']} at "
-            f"{keep.get('h')}x{keep.get('w')}: rebuild it with dkm.build_model({{{call}}}), "
+    or the resolution it was trained at (``model_cfg``: ``checkpoint_model_config`` of the ``.ckpt``)."""
+    call = ", ".join(f"{k!r}: {v!r}" for k, v in {**model_cfg, "weights": str(out)}.items())
+    return (f"{out} holds the weights only; the model was trained as {model_cfg['arch']} at "
+            f"{model_cfg.get('h')}x{model_cfg.get('w')}: rebuild it with dkm.build_model({{{call}}}), "
             f"or use the .ckpt itself (evaluate.py ckpt=..., python -m dkm.demo --weights ...), "
             f"which carries this config")
 

@@ -162,16 +162,23 @@ def _read_state_dict(path) -> dict:
     return _unwrap(obj, str(path))
 
 
+# ``conf/model`` keys that say where weights come from or how to run inference, not what was trained
+NOT_TRAINED_SETTINGS = frozenset({"weights", "pretrained", "backbone_weights", "fast"})
+
+
 def checkpoint_model_config(path) -> dict | None:
-    """The model config (``conf/model`` keys) stored in a Lightning ``.ckpt`` of ``train.py``
-    (``hyper_parameters["model"]``), or ``None`` for other checkpoints (upstream ``.pth`` files)."""
+    """The model config a Lightning ``.ckpt`` of ``train.py`` was trained with: its stored
+    ``hyper_parameters["model"]`` (``conf/model`` keys: architecture, resolution, ...) without the
+    ``NOT_TRAINED_SETTINGS``; ``None`` for other checkpoints (upstream ``.pth`` files)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # legacy or foreign files: no stored config (loading the weights reports errors)
         return None
     hp = obj.get("hyper_parameters") if isinstance(obj, Mapping) else None
     model = hp.get("model") if isinstance(hp, Mapping) else None
-    return dict(model) if isinstance(model, Mapping) and "arch" in model else None
+    if not (isinstance(model, Mapping) and "arch" in model):
+        return None
+    return {k: v for k, v in model.items() if k not in NOT_TRAINED_SETTINGS}
 
 
 def _unwrap(obj, name: str) -> dict:
