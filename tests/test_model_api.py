@@ -261,6 +261,38 @@ def test_weights_loading_checks_keys_and_accepts_lightning_ckpt(small, tmp_path)
         dkm_small(weights=tmp_path / "nope.pth")
 
 
+def test_train_ckpt_brings_its_resolution_to_the_python_api(small, tmp_path, caplog):
+    """A train.py .ckpt stores the model config it was trained with: ``dkm_small(weights=ckpt)`` and
+    ``build_model({"arch", "weights"})`` build at its resolution (a .pth carries none); a resolution
+    given explicitly holds, with a warning; another architecture is built as asked, with a warning."""
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in small.state_dict().items()},
+                "hyper_parameters": {"model": {"arch": "dkm_small", "h": 64, "w": 96, "weights": None,
+                                               "fast": False}}}, ckpt)
+    assert (dkm_small(weights=ckpt).h_resized, dkm_small(weights=ckpt).w_resized) == (64, 96)
+    built = zoo.build_model({"arch": "dkm_small", "weights": str(ckpt)})
+    assert (built.h_resized, built.w_resized, built.fast) == (64, 96, True)  # fast: an inference choice
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dkm.models.zoo"):
+        other = dkm_small(weights=ckpt, h=128, w=160)
+    assert (other.h_resized, other.w_resized) == (128, 160)
+    assert "trained with h=64, w=96; building with h=128, w=160" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dkm.models.zoo"), pytest.raises(ValueError, match="does not fit"):
+        dkm_base(pretrained=False, weights=ckpt)
+    assert "holds a dkm_small model" in caplog.text
+    assert (dkm_small().h_resized, dkm_small().w_resized) == (192, 256)  # no checkpoint: the arch's default
+
+
+@pytest.mark.parametrize("bad", [{"h": 0}, {"w": -5}, {"h": 64.0}, {"h": True}])
+def test_resolution_is_checked_when_the_model_is_built(bad):
+    name, value = next(iter(bad.items()))
+    with pytest.raises(ValueError, match=f"{name}={value!r}: the internal resolution must be a positive int"):
+        zoo.build_model({"arch": "dkm_small", **bad})
+    with pytest.raises(ValueError, match=r"upsample_res=\(64,\)"):
+        zoo.build_model({"arch": "dkmv3_indoor", "upsample_res": (64,)})
+
+
 def test_pretrained_offline_says_what_to_do(monkeypatch):
     def offline(*a, **k):
         raise urllib.error.URLError("no network")

@@ -246,8 +246,43 @@ def download_weights(arch: str, version: str) -> dict:
         ) from e
 
 
+def _trained_settings(arch: str, weights, given: dict) -> dict:
+    """The settings a ``train.py`` ``.ckpt`` (``weights``) was trained with that the caller did not
+    give (``given[k] is None``): its resolution above all (a ``.pth`` carries none). Where the caller
+    gave another value, or builds another architecture, it is logged; the caller's choice holds."""
+    stored = checkpoint_model_config(weights) if isinstance(weights, (str, PathLike)) else None
+    if not stored:
+        return {}
+    stored = dict(stored)
+    trained_arch = stored.pop("arch")
+    if trained_arch != arch:
+        log.warning("%s holds a %s model (trained with %s); building %s as asked", weights, trained_arch,
+                    stored, arch)
+        return {}
+    differ = {k: (v, given[k]) for k, v in stored.items() if given.get(k) is not None and given[k] != v}
+    if differ:
+        log.warning("%s was trained with %s; building with %s as given", weights,
+                    ", ".join(f"{k}={v[0]!r}" for k, v in differ.items()),
+                    ", ".join(f"{k}={v[1]!r}" for k, v in differ.items()))
+    return {k: v for k, v in stored.items() if given.get(k) is None}
+
+
+def _check_resolution(kwargs: dict) -> None:
+    """``h``, ``w`` positive ints and ``upsample_res`` None or a positive ``(H, W)``."""
+    for k in ("h", "w"):
+        v = kwargs.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"{k}={v!r}: the internal resolution must be a positive int")
+    res = kwargs.get("upsample_res")
+    if res is not None and (len(tuple(res)) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                             and v > 0 for v in res)):
+        raise ValueError(f"upsample_res={res!r}: expected None or (H, W), two positive ints")
+
+
 def _make(arch: str, *, pretrained: bool, version: str, weights, backbone_weights, device, **overrides):
-    kwargs = {**ARCHITECTURES[arch], **overrides}
+    overrides |= _trained_settings(arch, weights, overrides)
+    kwargs = {**ARCHITECTURES[arch], **{k: v for k, v in overrides.items() if v is not None or k not in ("h", "w")}}
+    _check_resolution(kwargs)
     if weights is None and pretrained:
         weights = download_weights(arch, version)
     if weights is None:
@@ -260,7 +295,7 @@ def _make(arch: str, *, pretrained: bool, version: str, weights, backbone_weight
     return model.to(device) if device is not None else model
 
 
-def dkm_base(pretrained: bool = True, version: str = "v11", *, weights=None, h: int = 384, w: int = 512,
+def dkm_base(pretrained: bool = True, version: str = "v11", *, weights=None, h: int | None = None, w: int | None = None,
              fast: bool = True, backbone_weights="imagenet", device=None, **overrides) -> RegressionMatcher:
     """DKM v11 ``dkm_base``.
 
@@ -268,7 +303,8 @@ def dkm_base(pretrained: bool = True, version: str = "v11", *, weights=None, h: 
         pretrained: load the official checkpoint (downloaded through ``torch.hub``).
         version: checkpoint version (``"v11"``).
         weights: local checkpoint path (or state_dict); takes precedence over ``pretrained``.
-        h, w: internal resolution of :meth:`~RegressionMatcher.match`.
+        h, w: internal resolution of :meth:`~RegressionMatcher.match` (default: 384x512, or the
+            resolution a ``train.py`` ``.ckpt`` given as ``weights`` was trained at).
         fast: default inference path of ``match()`` (``False``: faithful to the release).
         backbone_weights: backbone init when no matcher weights are loaded: ``"imagenet"`` (as the
             release), a path to a ResNet-50 state_dict, or ``None`` (random).
@@ -278,9 +314,10 @@ def dkm_base(pretrained: bool = True, version: str = "v11", *, weights=None, h: 
                  backbone_weights=backbone_weights, device=device, h=h, w=w, fast=fast, **overrides)
 
 
-def dkm_small(*, weights=None, h: int = 192, w: int = 256, fast: bool = True, backbone_weights=None,
-              device=None, **overrides) -> RegressionMatcher:
-    """A small DKM (ResNet-18, narrow decoder) for CPU experiments; no official weights."""
+def dkm_small(*, weights=None, h: int | None = None, w: int | None = None, fast: bool = True,
+              backbone_weights=None, device=None, **overrides) -> RegressionMatcher:
+    """A small DKM (ResNet-18, narrow decoder) for CPU experiments; no official weights. ``h, w``:
+    default 192x256, or the resolution a ``train.py`` ``.ckpt`` given as ``weights`` was trained at."""
     return _make("dkm_small", pretrained=False, version="", weights=weights,
                  backbone_weights=backbone_weights, device=device, h=h, w=w, fast=fast, **overrides)
 
@@ -294,8 +331,8 @@ def _dkmv3(arch: str, path_to_weights, device, *, weights, pretrained, h, w, fas
                  device=device, h=h, w=w, fast=fast, **overrides)
 
 
-def DKMv3_outdoor(path_to_weights=None, device=None, *, weights=None, pretrained: bool = True, h: int = 540,
-                  w: int = 720, fast: bool = True, backbone_weights=None, **overrides) -> RegressionMatcher:
+def DKMv3_outdoor(path_to_weights=None, device=None, *, weights=None, pretrained: bool = True,
+                  h: int | None = None, w: int | None = None, fast: bool = True, backbone_weights=None, **overrides) -> RegressionMatcher:
     """DKMv3 outdoor (MegaDepth): internal resolution 540x720, predictions refined at
     ``upsample_res = (864, 1152)`` (``model.upsample_preds = False`` turns that off), symmetric
     matching, ``sample_mode = "threshold_balanced"``.
@@ -304,7 +341,8 @@ def DKMv3_outdoor(path_to_weights=None, device=None, *, weights=None, pretrained
         path_to_weights / weights: local ``DKMv3_outdoor.pth`` (or a Lightning ``.ckpt``, or a
             state_dict); without one the official checkpoint is downloaded (``pretrained=True``).
         device: where to put the model (default: stays on CPU; the release picked CUDA if available).
-        h, w: internal resolution; fast: default inference path (``False``: faithful to the release).
+        h, w: internal resolution (default 540x720, or that of a ``train.py`` ``.ckpt`` given as
+            weights); fast: default inference path (``False``: faithful to the release).
         backbone_weights: backbone init when no DKM weights are loaded (``None`` = random, as the
             release's inference constructor; ``"imagenet"`` for training).
         overrides: further :func:`build_dkm` options, e.g. ``upsample_res=(H, W)``.
@@ -313,9 +351,9 @@ def DKMv3_outdoor(path_to_weights=None, device=None, *, weights=None, pretrained
                   fast=fast, backbone_weights=backbone_weights, **overrides)
 
 
-def DKMv3_indoor(path_to_weights=None, device=None, *, weights=None, pretrained: bool = True, h: int = 480,
-                 w: int = 640, fast: bool = True, backbone_weights=None, **overrides) -> RegressionMatcher:
-    """DKMv3 indoor (ScanNet): internal resolution 480x640, no upsampling pass (``model.upsample_preds
+def DKMv3_indoor(path_to_weights=None, device=None, *, weights=None, pretrained: bool = True,
+                 h: int | None = None, w: int | None = None, fast: bool = True, backbone_weights=None, **overrides) -> RegressionMatcher:
+    """DKMv3 indoor (ScanNet): internal resolution 480x640 (default), no upsampling pass (``model.upsample_preds
     = True`` turns one on at ``upsample_res = (864, 1152)``, as in the release), symmetric matching,
     ``sample_mode = "threshold_balanced"``. Arguments as :func:`DKMv3_outdoor`."""
     return _dkmv3("dkmv3_indoor", path_to_weights, device, weights=weights, pretrained=pretrained, h=h, w=w,
