@@ -164,6 +164,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     merging = bool(cfg.get("merge"))
+    missing: list[int] = []  # pair indices without a record in the merged runs (only with merge_partial)
     bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=cfg.limit,
                             index=not merging)  # a missing or incomplete dataset fails here, early
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
@@ -188,8 +189,13 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         wanted = set(indices)
         records = [r for r in load_records(cfg.merge) if r["pair_index"] in wanted]
         missing = sorted(set(indices) - {r["pair_index"] for r in records})
+        if missing and not cfg.get("merge_partial", False):
+            raise ValueError(f"merge: {len(missing)} of {len(indices)} pairs have no record in {list(cfg.merge)} "
+                             f"(first: {missing[:10]}); give the run directories of all shards, or "
+                             "merge_partial=true to score the recorded pairs only (metrics.json lists the missing)")
         if missing:
-            log.warning("merge: %d of %d pairs have no record (first: %s)", len(missing), len(indices), missing[:10])
+            log.warning("merge: %d of %d pairs have no record (first: %s); scoring the %d recorded (merge_partial)",
+                        len(missing), len(indices), missing[:10], len(records))
         metrics = bench.compute_metrics(records)
     else:
         num_listed = bench.num_listed
@@ -241,6 +247,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         "shard": cfg.get("shard"),
         "merged_from": [str(d) for d in cfg.merge] if cfg.get("merge") else None,
         "num_pairs_in_benchmark": num_listed,
+        "missing_pairs": missing if merging else [],
     }
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
     (out_dir / "records.json").write_text(json.dumps(records, default=_json_default))

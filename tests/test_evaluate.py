@@ -55,6 +55,14 @@ def test_shards_merge_to_the_full_run(tiny_hpatches, tmp_path):
     elsewhere = evaluate_benchmark(cfg_for(*common[:-2], f"data_root={tmp_path / 'gone'}", "progress=false",
                                            f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"), tmp_path / "merged2")
     assert elsewhere == full
+    # a shard left out: refused (its pairs would vanish from the metrics), or scored without it on request
+    with pytest.raises(ValueError, match=r"merge: 2 of 5 pairs have no record .* \(first: \[1, 3\]\)"):
+        evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'}]"), tmp_path / "partial")
+    assert not (tmp_path / "partial" / "metrics.json").exists()
+    partial = evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'}]", "merge_partial=true"),
+                                 tmp_path / "partial")
+    res = json.loads((tmp_path / "partial" / "metrics.json").read_text())
+    assert partial["num_pairs"] == 3 and res["missing_pairs"] == [1, 3] and result["missing_pairs"] == []
     with pytest.raises(ValueError, match="differ in 'model'"):
         other = json.loads((tmp_path / "s1" / "metrics.json").read_text())
         (tmp_path / "s1" / "metrics.json").write_text(json.dumps(other | {"model": {"arch": "dkm_base"}}))
@@ -179,3 +187,11 @@ def test_lightning_checkpoint_brings_its_model_config(tiny_hpatches, tmp_path):
     assert res["model"]["arch"] == "dkm_small" and (res["model"]["h"], res["model"]["w"]) == (64, 96)
     assert res["protocol"]["effective_resolution"] == [64, 96] and res["model"]["weights"] == str(ckpt)
     assert res["model"]["fast"] is True and res["model"]["backbone_weights"] is None
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 2.5])
+def test_limit_must_be_a_positive_count(tiny_hpatches, tmp_path, limit):
+    """A negative limit would drop pairs from the end (a Python slice), 0 would score nothing."""
+    with pytest.raises(ValueError, match=f"limit={limit!r}: expected a positive number of pairs"):
+        evaluate_benchmark(cfg_for("benchmark=hpatches", "model=sift", f"data_root={tiny_hpatches}",
+                                   f"limit={limit}", "progress=false"), tmp_path / "run")

@@ -70,6 +70,8 @@ class PairBenchmark(ABC):
         self.center = float(center)
         self._pairs, self.num_listed = [], 0
         self.last_records: list[dict] = []
+        if limit is not None and (isinstance(limit, bool) or int(limit) != limit or int(limit) < 1):
+            raise ValueError(f"limit={limit!r}: expected a positive number of pairs (or None: all of them)")
         if not index:  # the protocol only (compute_metrics on records evaluated elsewhere): no dataset read
             return
         if check:
