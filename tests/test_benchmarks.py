@@ -546,3 +546,52 @@ def test_sift_sample_draws_by_score_among_the_candidates_and_is_reproducible():
     np.testing.assert_allclose(counts / 4000, certainty / certainty.sum(), atol=0.02)
     empty = SiftMatcher.sample(np.zeros((0, 4)), np.zeros(0), 5)
     assert empty[0].shape == (0, 4) and empty[1].shape == (0,)
+
+
+def _truncate(path: Path, n: int = 100) -> None:
+    path.write_bytes(path.read_bytes()[:n])
+
+
+def _rewrite_scannet_poses(root: Path) -> None:
+    z = dict(np.load(root / "test.npz"))
+    np.savez(root / "test.npz", name=z["name"], rel_pose=z["rel_pose"][:, :11])
+
+
+def _megadepth_pair_out_of_range(root: Path) -> None:
+    path = root / "0015_0.1_0.3.npz"
+    info = pickle.loads(path.read_bytes())
+    info["pair_infos"][0] = (np.array([0, 9]), *info["pair_infos"][0][1:])
+    path.write_bytes(pickle.dumps(info))
+
+
+def _yfcc_short_gt_line(root: Path) -> None:
+    f = root / "yfcc_test_pairs_with_gt.txt"
+    lines = f.read_text().splitlines()
+    f.write_text("\n".join([" ".join(lines[0].split()[:2])] + lines[1:]) + "\n")
+
+
+def _yfcc_short_images_txt(root: Path) -> None:
+    f = root / "yfcc100m" / "buckingham_palace" / "test" / "images.txt"
+    f.write_text(f.read_text().splitlines()[0] + "\n")
+
+
+@pytest.mark.parametrize("name,maker,corrupt,file,expected", [
+    ("scannet", make_scannet, lambda r: _truncate(r / "test.npz"), "test.npz", "could not be read as an .npz"),
+    ("scannet", make_scannet, _rewrite_scannet_poses, "test.npz", r"'rel_pose' \(N, 12\)"),
+    ("megadepth1500", make_megadepth1500, _megadepth_pair_out_of_range, "0015_0.1_0.3.npz",
+     r"pair_infos\[0\] refers to images \(0, 9\)"),
+    ("yfcc", make_yfcc, lambda r: _truncate(r / "pairs" / "buckingham_palace-te-1000-pairs.pkl", 10),
+     "buckingham_palace-te-1000-pairs.pkl", "could not be read as a pickled list"),
+    ("yfcc", make_yfcc, _yfcc_short_gt_line, "yfcc_test_pairs_with_gt.txt", "line 1 has 2 columns"),
+    ("yfcc", make_yfcc, _yfcc_short_images_txt, "buckingham_palace-te-1000-pairs.pkl", "has no line in"),
+])
+def test_broken_index_files_are_named_in_the_error(tmp_path, name, maker, corrupt, file, expected):
+    """Truncated or malformed pair lists and scene infos stop the run at start with a message naming
+    the file and what was expected (not a zipfile/pickle/IndexError traceback from deep inside)."""
+    root = maker(tmp_path)
+    cls = {"scannet": ScanNetBenchmark, "megadepth1500": Megadepth1500Benchmark, "yfcc": Yfcc100mBenchmark}[name]
+    assert len(cls(root, **protocol(name))) > 0
+    corrupt(root)
+    with pytest.raises(ValueError, match=expected) as e:
+        cls(root, **protocol(name))
+    assert file in str(e.value)

@@ -42,8 +42,12 @@ class Megadepth1500Benchmark(RelativePoseBenchmark):
                 infos, K, T, paths = z["pair_infos"], z["intrinsics"], z["poses"], z["image_paths"]
             except KeyError as e:
                 raise KeyError(f"{path}: expected pair_infos, intrinsics, poses and image_paths; no {e}") from None
-            for info in infos:
+            n = min(len(K), len(T), len(paths))
+            for k, info in enumerate(infos):
                 i, j = (int(v) for v in info[0])
+                if not (0 <= i < n and 0 <= j < n):
+                    raise ValueError(f"{path}: pair_infos[{k}] refers to images ({i}, {j}), but the scene has "
+                                     f"{len(paths)} image_paths, {len(K)} intrinsics and {len(T)} poses")
                 pairs.append({"scene": name.removesuffix(".npz"), "im1": str(paths[i]), "im2": str(paths[j]),
                               "K1": np.asarray(K[i], np.float64), "K2": np.asarray(K[j], np.float64),
                               "T1": np.asarray(T[i], np.float64), "T2": np.asarray(T[j], np.float64)})

@@ -35,9 +35,12 @@ class ScanNetBenchmark(RelativePoseBenchmark):
         z = load_arrays(path)
         if "name" not in z or "rel_pose" not in z:
             raise KeyError(f"{path}: expected arrays 'name' (N, 4) and 'rel_pose' (N, 12), found {sorted(z)}")
-        names, poses = z["name"], z["rel_pose"]
+        names, poses = np.asarray(z["name"]), np.asarray(z["rel_pose"])
+        if names.ndim != 2 or names.shape[1] != 4 or poses.ndim != 2 or poses.shape[1] != 12:
+            raise ValueError(f"{path}: expected 'name' (N, 4) (scene, sub-scene, frame, frame) and 'rel_pose' "
+                             f"(N, 12) (a 3x4 pose per row), got {names.shape} and {poses.shape}")
         if len(names) != len(poses):
-            raise ValueError(f"{self.data_root / 'test.npz'}: {len(names)} names but {len(poses)} rel_pose rows")
+            raise ValueError(f"{path}: {len(names)} names but {len(poses)} rel_pose rows")
         return [(tuple(int(v) for v in n), np.asarray(p, dtype=np.float64).reshape(3, 4)) for n, p in zip(names, poses)]
 
     def pair_id(self, pair) -> str:

@@ -52,15 +52,30 @@ class Yfcc100mBenchmark(RelativePoseBenchmark):
         return paths
 
     def list_pairs(self):
-        meta = [line.split() for line in open(self.data_root / "yfcc_test_pairs_with_gt.txt").read().splitlines()
-                if line.strip()]
+        gt = self.data_root / "yfcc_test_pairs_with_gt.txt"
+        meta = [line.split() for line in open(gt).read().splitlines() if line.strip()]
+        short = [k for k, row in enumerate(meta) if len(row) < 4]
+        if short:
+            raise ValueError(f"{gt}: line {short[0] + 1} has {len(meta[short[0]])} columns; expected the OANet "
+                             "format (image 1, image 2, rotation 1, rotation 2, intrinsics, pose)")
         pairs, offset = [], 0
         for scene in self.scenes:
-            with open(self.data_root / "pairs" / f"{scene}-te-1000-pairs.pkl", "rb") as f:
-                scene_pairs = np.asarray(pickle.load(f))
+            pkl = self.data_root / "pairs" / f"{scene}-te-1000-pairs.pkl"
+            try:
+                with open(pkl, "rb") as f:
+                    scene_pairs = np.asarray(pickle.load(f))
+            except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+                raise ValueError(f"{pkl}: could not be read as a pickled list of image index pairs ({e})") from e
+            if scene_pairs.ndim != 2 or scene_pairs.shape[1] != 2:
+                raise ValueError(f"{pkl}: expected (N, 2) image index pairs, got shape {scene_pairs.shape}")
             # indexed exactly as the release reads them: the file split on "\n"
             images = open(self.scene_dir(scene) / "images.txt").read().split("\n")
             calibs = open(self.scene_dir(scene) / "calibration.txt").read().split("\n")
+            listed = min(len(images), len(calibs))
+            bad = [int(i) for i in np.unique(scene_pairs) if not (0 <= i < listed and images[i] and calibs[i])]
+            if bad:
+                raise ValueError(f"{pkl}: image index {bad[0]} has no line in {self.scene_dir(scene)}'s images.txt "
+                                 f"({len(images)} lines) or calibration.txt ({len(calibs)} lines)")
             if offset + len(scene_pairs) > len(meta):
                 raise ValueError(f"{self.data_root / 'yfcc_test_pairs_with_gt.txt'}: {len(meta)} lines, but the "
                                  f"pair lists up to {scene} need {offset + len(scene_pairs)}")

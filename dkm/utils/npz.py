@@ -17,10 +17,16 @@ def load_arrays(path: str | Path, allow_pickle: bool = False) -> dict:
     """The arrays of ``path`` as a dict (the file is closed on return), whichever of the three
     containers it is. ``allow_pickle`` is needed for object arrays and pickled dicts. Raises
     ``ValueError`` naming the file if it holds something other than a mapping."""
-    obj = np.load(path, allow_pickle=allow_pickle)
-    if isinstance(obj, np.lib.npyio.NpzFile):
-        with obj:
-            return {k: obj[k] for k in obj.files}
+    try:
+        obj = np.load(path, allow_pickle=allow_pickle)
+        if isinstance(obj, np.lib.npyio.NpzFile):
+            with obj:
+                return {k: obj[k] for k in obj.files}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or foreign files: zipfile, pickle, numpy format errors
+        raise ValueError(f"{path}: could not be read as an .npz archive, .npy file or pickled dict "
+                         f"({type(e).__name__}: {e}); re-download or re-prepare it") from e
     if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
         obj = obj.item()  # np.save of a dict
     if not isinstance(obj, Mapping):
