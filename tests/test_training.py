@@ -762,3 +762,24 @@ def test_training_step_copies_nothing_to_the_host_and_keeps_every_loss(tmp_path,
     assert float(trainer.callback_metrics["train/loss_ema"]) == pytest.approx(ema, rel=1e-6)
     # and into the checkpoint as a number
     assert torch.load(tmp_path / "ck" / "last.ckpt", weights_only=False)["dkm_loss_ema"] == pytest.approx(ema, rel=1e-6)
+
+
+def test_export_refuses_files_that_are_not_lightning_checkpoints(tmp_path, capsys):
+    """A text file, a truncated checkpoint, a saved list and a missing file: a usage error naming the
+    file (exit 2), not a torch traceback; nothing is written."""
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    truncated = tmp_path / "truncated.ckpt"
+    torch.save({"state_dict": {"model.w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    listed = tmp_path / "list.ckpt"
+    torch.save([1, 2], listed)
+    for path, expected in ((text, "could not be read as a Lightning checkpoint"),
+                           (truncated, "could not be read as a Lightning checkpoint"),
+                           (listed, "not a Lightning checkpoint (expected a dict with a 'state_dict', got list)"),
+                           (tmp_path / "gone.ckpt", "checkpoint not found")):
+        with pytest.raises(SystemExit) as e:
+            export_main([str(path), str(tmp_path / "out.pth")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and str(path) in err and expected in err, err
+    assert not (tmp_path / "out.pth").exists()

@@ -37,10 +37,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def export_weights(ckpt_path, out_path) -> dict:
     """Lightning ``.ckpt`` -> the upstream ``.pth`` layout (the model's state_dict, keys without the
     ``model.`` prefix), loadable by ``dkm_base(weights=...)`` and ``evaluate.py ckpt=...``."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # (train.py's checkpoints need no pickle)
-    sd = ckpt.get("state_dict")
-    if sd is None:
-        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no 'state_dict')")
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    try:  # (train.py's checkpoints need no pickle)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign or non-torch files
+        raise ValueError(f"{ckpt_path} could not be read as a Lightning checkpoint of train.py "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (expected a dict with a 'state_dict', "
+                         f"got {type(ckpt).__name__}{' without one' if isinstance(ckpt, dict) else ''})")
     # contiguous: a model trained with channels_last stores NHWC-strided weights; the .pth has the release's layout
     weights = {k[len("model."):]: v.contiguous() for k, v in sd.items() if k.startswith("model.")}
     if not weights:

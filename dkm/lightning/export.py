@@ -25,7 +25,10 @@ def main(argv=None) -> None:
     p.add_argument("out", help="output .pth (a plain state_dict)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    weights = export_weights(a.ckpt, a.out)
+    try:
+        weights = export_weights(a.ckpt, a.out)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
     log.info("wrote %d tensors (%.1fM values) to %s", len(weights),
              sum(v.numel() for v in weights.values()) / 1e6, a.out)
     cfg = checkpoint_model_config(a.ckpt)
