@@ -783,3 +783,20 @@ def test_export_refuses_files_that_are_not_lightning_checkpoints(tmp_path, capsy
         err = capsys.readouterr().err
         assert e.value.code == 2 and str(path) in err and expected in err, err
     assert not (tmp_path / "out.pth").exists()
+
+
+def test_an_epoch_without_one_full_batch_is_refused():
+    """samples_per_epoch is split over sources and devices; with drop_last a share below batch_size
+    would give Lightning no training batch ("No training batches", then a run that reports a
+    checkpoint it never wrote): refused with the numbers to change."""
+    from types import SimpleNamespace
+
+    data = DKMDataModule([{"kind": "synthetic_homography", "images": ["astronaut"], "length": 10}], h=64, w=96,
+                         batch_size=4, samples_per_epoch=6, num_workers=0)
+    data.setup("fit")
+    data.trainer = SimpleNamespace(global_rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"samples_per_epoch=6 over 1 data source\(s\) and 2 device\(s\) gives 3 "
+                                         r"pairs .*batch_size=4: set samples_per_epoch to at least 8"):
+        data.train_dataloader()
+    data.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    assert len(list(data.train_dataloader())) == 1  # 6 pairs on one device: one batch of 4

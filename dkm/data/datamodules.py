@@ -175,6 +175,12 @@ class DKMDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         per_source = self.samples_per_epoch // len(self.datasets)
         sampler = WeightedEpochSampler(weights, per_source, seed=self.seed, rank=rank, world_size=world)
+        if len(sampler) < self.batch_size:  # drop_last: not one batch, Lightning would skip training
+            raise ValueError(
+                f"data.module.samples_per_epoch={self.samples_per_epoch} over {len(self.datasets)} data source(s) "
+                f"and {world} device(s) gives {len(sampler)} pairs per source and device, fewer than "
+                f"data.module.batch_size={self.batch_size}: set samples_per_epoch to at least "
+                f"{self.batch_size * world * len(self.datasets)}")
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           pin_memory=self.pin_memory and torch.cuda.is_available(),
                           persistent_workers=self.persistent_workers and self.num_workers > 0,
