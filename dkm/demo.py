@@ -65,6 +65,17 @@ def save_pictures(result: dict, out_dir, max_lines: int = 300, seed: int = 0, ce
     return paths
 
 
+def _count(minimum: int):
+    """argparse type: an int >= ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m dkm.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -74,10 +85,10 @@ def main(argv=None) -> dict:
                    help="default: dkm_base, or the architecture a Lightning .ckpt of train.py was trained with")
     p.add_argument("--weights", help="a checkpoint: the official .pth or a Lightning .ckpt of train.py")
     p.add_argument("--pretrained", action="store_true", help="download the official checkpoint (torch.hub cache)")
-    p.add_argument("--h", type=int, help="internal height (default: the architecture's or the .ckpt's)")
-    p.add_argument("--w", type=int, help="internal width (default: the architecture's or the .ckpt's)")
-    p.add_argument("--num", type=int, default=5000, help="matches to sample")
-    p.add_argument("--lines", type=int, default=300, help="matches drawn in matches.png")
+    p.add_argument("--h", type=_count(1), help="internal height (default: the architecture's or the .ckpt's)")
+    p.add_argument("--w", type=_count(1), help="internal width (default: the architecture's or the .ckpt's)")
+    p.add_argument("--num", type=_count(0), default=5000, help="matches to sample")
+    p.add_argument("--lines", type=_count(0), default=300, help="matches drawn in matches.png")
     p.add_argument("--center", type=float, default=0.5,
                    help="pixel coordinate of pixel 0's centre in matches.npz (0.5, or 0.0 for OpenCV's convention)")
     p.add_argument("--device", default="auto")

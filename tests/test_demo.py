@@ -65,6 +65,15 @@ def test_demo_needs_weights(pair, capsys):
     assert "--weights" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("flag,value", [("--num", "-5"), ("--lines", "-1"), ("--h", "0"), ("--w", "x")])
+def test_demo_counts_are_checked_by_argparse(pair, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main([str(pair / "a.png"), str(pair / "b.jpg"), "--weights", str(pair / "small.pth"), flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err and value in err, err
+
+
 def test_draw_matches_puts_lines_where_the_keypoints_are():
     a, b = np.zeros((20, 30, 3), np.uint8), np.zeros((10, 40, 3), np.uint8)
     pic = draw_matches(a, b, np.array([[5.5, 5.5]]), np.array([[20.5, 5.5]]), np.array([1.0]))

@@ -214,6 +214,12 @@ def test_sample_is_weighted_reproducible_and_thresholded():
     # numpy in, numpy out
     m5, c5 = zoo.RegressionMatcher.sample(matches.numpy(), cert.numpy(), 10)
     assert isinstance(m5, np.ndarray) and m5.shape == (10, 4)
+    # a negative count, or matches that are not rows of 4 (e.g. channels first), are refused
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match=rf"sample\(num={bad}\): expected a count >= 0"):
+            zoo.RegressionMatcher.sample(matches, cert, bad)
+    with pytest.raises(ValueError, match=r"matches of shape \(4, 40, 50\); expected \(\.\.\., 4\)"):
+        zoo.RegressionMatcher.sample(matches.permute(2, 0, 1), cert, 10)
 
 
 def test_sample_defaults_to_each_releases_number_of_matches(small):

@@ -457,8 +457,14 @@ class RegressionMatcher(nn.Module):
         if mode is None:
             mode = self.sample_mode if self is not None else "proportional"
         thresh = self.sample_thresh if self is not None else 0.05
+        if isinstance(num, bool) or int(num) != num or num < 0:
+            raise ValueError(f"sample(num={num!r}): expected a count >= 0")
         as_numpy = isinstance(matches, np.ndarray)
-        m = torch.as_tensor(matches).reshape(-1, 4)
+        m = torch.as_tensor(matches)
+        if m.dim() < 1 or m.shape[-1] != 4:
+            raise ValueError(f"sample(): matches of shape {tuple(m.shape)}; expected (..., 4) = [x_A, y_A, x_B, y_B] "
+                             "as match() returns them")
+        m = m.reshape(-1, 4)
         c = torch.as_tensor(certainty, device=m.device).reshape(-1).to(m.dtype if m.is_floating_point() else torch.float32)
         if c.numel() != m.shape[0]:
             raise ValueError(f"sample(): {m.shape[0]} matches but {c.numel()} certainties")
