@@ -67,6 +67,23 @@ def test_match_converts_image_modes(small, rgb, mode):
     torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=0)
 
 
+def test_float_and_32_bit_images_are_read_by_their_range_or_refused():
+    """Mode F in [0, 1] and mode I up to 65535 become the 8-bit image they encode; values outside
+    those ranges (a float image in 0..255, an int32 image of counts) are refused, not clipped to white."""
+    from dkm.utils.image import load_image
+
+    gray = np.arange(64 * 96, dtype=np.float64).reshape(64, 96) % 256
+    expected = np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray((gray / 255).astype(np.float32), "F"))),
+                                  expected)
+    np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray((gray * 257).astype(np.int32), "I"))),
+                                  expected)
+    with pytest.raises(ValueError, match=r"float image \(mode F\) with values in \[0, 255\]; expected \[0, 1\]"):
+        load_image(Image.fromarray(gray.astype(np.float32), "F"))
+    with pytest.raises(ValueError, match=r"32-bit integer image \(mode I\) with values in \[1e\+06, 1e\+06\]; expected \[0, 65535\]"):
+        load_image(Image.fromarray(np.full((8, 8), 10**6, dtype=np.int32), "I"))
+
+
 def test_internal_resolution_and_original_resolution(small, rgb):
     model = dkm_small(h=32, w=64)
     w, c = model.match(rgb, rgb)

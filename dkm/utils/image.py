@@ -25,7 +25,9 @@ def load_image(im) -> Image.Image:
     """Open a path (``str``/``PathLike``) or take a PIL image, and return it as 8-bit RGB.
 
     Grayscale, RGBA/LA (alpha dropped), palette, CMYK, 1-bit, 16-bit and float images are converted;
-    16-bit and float images are scaled by their type's range (float images are assumed in [0, 1]).
+    16-bit and float images are scaled by their type's range: float (mode ``F``) images must be in
+    [0, 1], 32-bit integer (mode ``I``) ones in [0, 65535], read as 16-bit if any value exceeds 255
+    (else as 8-bit); other ranges raise.
     """
     name = "PIL image"
     if isinstance(im, (str, PathLike)):
@@ -37,7 +39,7 @@ def load_image(im) -> Image.Image:
             with Image.open(path) as f:
                 f.load()
                 im = f.copy()
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise ValueError(f"{path} is not a readable image file ({e})") from e
     if not isinstance(im, Image.Image):
         raise TypeError(f"expected a path, a PIL image or a tensor, got {type(im).__name__}")
@@ -46,7 +48,13 @@ def load_image(im) -> Image.Image:
         raise ValueError(f"{name} has size {w}x{h}; images must be at least {MIN_SIDE}x{MIN_SIDE} pixels")
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(im, dtype=np.float64)
-        scale = 1.0 if im.mode == "F" else (65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        top = 1.0 + RANGE_TOLERANCE if im.mode == "F" else 65535
+        if not (np.isfinite(a).all() and lo >= (-RANGE_TOLERANCE if im.mode == "F" else 0) and hi <= top):
+            raise ValueError(f"{name}: {'float' if im.mode == 'F' else '32-bit integer'} image (mode {im.mode}) "
+                             f"with values in [{lo:g}, {hi:g}]; expected {'[0, 1]' if im.mode == 'F' else '[0, 65535]'}: "
+                             "scale it to 8-bit RGB (e.g. Image.fromarray(uint8 array)) before matching")
+        scale = 1.0 if im.mode == "F" else (65535.0 if im.mode.startswith("I;16") or hi > 255 else 255.0)
         a = np.clip(np.round(a / scale * 255.0), 0, 255).astype(np.uint8)
         im = Image.fromarray(a)
     if im.mode != "RGB":
