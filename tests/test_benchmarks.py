@@ -459,6 +459,13 @@ def test_check_reads_homographies_and_selections_must_select(tmp_path):
     (root / "hpatches-sequences-release" / "v_a" / "H_1_5").unlink()
     n, problems = check_tree("hpatches", root)
     assert n == 5 and len(problems) == 1 and "H_1_5" in problems[0]
+    # a malformed homography: named by the check, and during a run a failed pair whose reason names it
+    (root / "hpatches-sequences-release" / "v_a" / "H_1_4").write_text("1 0 0 0 1 0 0 0 1\n")
+    n, problems = check_tree("hpatches", root)
+    assert len(problems) == 2 and any("H_1_4: expected a 3x3 homography, got shape (9,)" in p for p in problems)
+    oracle = OracleMatcher(center=0.5)
+    records = HpatchesHomogBenchmark(root, **protocol("hpatches")).evaluate_pairs(oracle, [2], progress=False)
+    assert records[0]["failed"] and "H_1_4: expected a 3x3 homography" in records[0]["reason"]
     with pytest.raises(ValueError, match="no pairs"):
         HpatchesHomogBenchmark(root, sequences="i")  # only v_ sequences here
     with pytest.raises(ValueError, match="'all', 'v'"):

@@ -74,14 +74,20 @@ class HpatchesHomogBenchmark(PairBenchmark):
         seq, k = pair
         return load_image(self.seqs_path / seq / "1.ppm"), load_image(self.seqs_path / seq / f"{k}.ppm")
 
-    def _gt(self, pair):
-        return np.loadtxt(self.seqs_path / pair[0] / f"H_1_{pair[1]}")
+    def _gt(self, pair) -> np.ndarray:
+        """The ground-truth homography ``H_1_k`` (3, 3); ``ValueError`` naming the file otherwise."""
+        path = self.seqs_path / pair[0] / f"H_1_{pair[1]}"
+        try:
+            H = np.loadtxt(path)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a text matrix ({e})") from e
+        if H.shape != (3, 3):
+            raise ValueError(f"{path}: expected a 3x3 homography, got shape {H.shape}")
+        return H
 
     def check_pair(self, pair) -> None:
         super().check_pair(pair)
-        H = self._gt(pair)
-        if H.shape != (3, 3):
-            raise ValueError(f"{self.seqs_path / pair[0] / f'H_1_{pair[1]}'}: expected a 3x3 homography, got {H.shape}")
+        self._gt(pair)
 
     def evaluate_pair(self, model, pair, ctx):
         im1, im2 = self.pair_images(pair)
