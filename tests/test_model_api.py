@@ -343,6 +343,16 @@ def test_backbone_not_downloaded_when_weights_given(monkeypatch, small, tmp_path
     with pytest.raises(RuntimeError, match="backbone_weights=<path>"):
         zoo.make_backbone("resnet18", "imagenet")
 
+    # a local backbone file: loaded strictly, a wrong one named with its offending keys
+    net = torchvision.models.resnet18(weights=None)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    torch.testing.assert_close(zoo.make_backbone("resnet18", tmp_path / "r18.pth").conv1.weight, net.conv1.weight)
+    with pytest.raises(ValueError, match=r"backbone_weights=.*r18.pth does not fit this model \(ResNet\): "
+                                         r"198 missing keys: layer1.0.conv3.weight"):
+        zoo.make_backbone("resnet50", tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="model config without 'arch'"):
+        zoo.build_model({"weights": None})
+
 
 def test_no_hard_coded_cuda_in_package():
     """Device-agnostic: tensors are created on the model's/input's device, never with .cuda()."""

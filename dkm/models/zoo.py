@@ -44,7 +44,9 @@ def make_backbone(name: str, weights=None) -> nn.Module:
                 f"use backbone_weights=None (model.backbone_weights=null: random init)."
             ) from e
     net = _BACKBONES[name](weights=None)
-    net.load_state_dict(_read_state_dict(weights))
+    sd = _read_state_dict(weights)
+    check_state_dict(net, sd, f"backbone_weights={weights}")
+    net.load_state_dict(sd)
     return net
 
 
@@ -364,6 +366,9 @@ def build_model(cfg: Mapping) -> nn.Module:
     """Build a matcher from a ``conf/model/*.yaml`` mapping (``arch``, ``h``, ``w``, ``weights``,
     ``pretrained``, ``backbone_weights``, ``fast``; ``arch: sift`` builds the classical baseline)."""
     cfg = dict(cfg)
+    if "arch" not in cfg:
+        raise ValueError(f"model config without 'arch' (keys: {sorted(cfg)}); expected one of "
+                         f"{sorted(ARCHITECTURES) + ['sift']}, e.g. {{'arch': 'dkm_base', 'weights': ...}}")
     arch = cfg.pop("arch")
     if arch == "sift":
         from .sift import SiftMatcher
