@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import random
@@ -17,6 +18,7 @@ from .benchmarks import BENCHMARKS, dedup_records
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
 from .utils.distributed import shard as shard_indices
+from .utils.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +56,13 @@ def write_records_csv(records: list[dict], path) -> None:
     keys: list[str] = []
     for r in records:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in records:
-            w.writerow({k: ";".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r[k])
-                        if isinstance(r.get(k), (list, tuple)) else r.get(k, "") for k in keys})
+    f = io.StringIO()
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    for r in records:
+        w.writerow({k: ";".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in r[k])
+                    if isinstance(r.get(k), (list, tuple)) else r.get(k, "") for k in keys})
+    atomic_write_text(path, f.getvalue())
 
 
 def summary_table(name: str, metrics: dict) -> str:
@@ -97,6 +100,13 @@ def select_indices(n: int, subset=None, shard=None) -> list[int]:
     return idx
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"merge: {path} is not valid JSON ({e}); re-run that evaluation") from e
+
+
 def load_records(run_dirs) -> list[dict]:
     """Records of earlier runs (their ``records.json``), de-duplicated by ``pair_index``."""
     records = []
@@ -104,7 +114,7 @@ def load_records(run_dirs) -> list[dict]:
         f = Path(d) / "records.json"
         if not f.exists():
             raise FileNotFoundError(f"merge: {f} not found (written by every evaluate.py run)")
-        records += json.loads(f.read_text())
+        records += _read_json(f)
     return dedup_records(records)
 
 
@@ -116,7 +126,7 @@ def load_run_metadata(run_dirs) -> dict:
         f = Path(d) / "metrics.json"
         if not f.exists():
             raise FileNotFoundError(f"merge: {f} not found (written by every evaluate.py run)")
-        metas.append(json.loads(f.read_text()))
+        metas.append(_read_json(f))
     for m in metas:
         m["protocol"] = comparable_protocol(m.get("protocol"))
     out = {}
@@ -249,9 +259,10 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         "num_pairs_in_benchmark": num_listed,
         "missing_pairs": missing if merging else [],
     }
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=str))
-    (out_dir / "records.json").write_text(json.dumps(records, default=_json_default))
+    # each file whole or not at all; metrics.json last, so that its presence means a complete run
+    atomic_write_text(out_dir / "records.json", json.dumps(records, default=_json_default))
     write_records_csv(records, out_dir / "pairs.csv")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2, default=str))
     print(summary_table(f"{bench.name} ({len(records)} pairs, {metrics['num_failed']} failed)", metrics))
     print(f"metrics: {out_dir / 'metrics.json'}\nper pair: {out_dir / 'pairs.csv'}")
     return metrics

@@ -63,6 +63,11 @@ def test_shards_merge_to_the_full_run(tiny_hpatches, tmp_path):
                                  tmp_path / "partial")
     res = json.loads((tmp_path / "partial" / "metrics.json").read_text())
     assert partial["num_pairs"] == 3 and res["missing_pairs"] == [1, 3] and result["missing_pairs"] == []
+    (tmp_path / "torn").mkdir()
+    for name in ("metrics.json", "records.json"):
+        (tmp_path / "torn" / name).write_text((tmp_path / "s1" / name).read_text()[:40])
+    with pytest.raises(ValueError, match=r"merge: .*torn/(metrics|records)\.json is not valid JSON"):
+        evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 'torn'}]"), tmp_path / "m4")
     with pytest.raises(ValueError, match="differ in 'model'"):
         other = json.loads((tmp_path / "s1" / "metrics.json").read_text())
         (tmp_path / "s1" / "metrics.json").write_text(json.dumps(other | {"model": {"arch": "dkm_base"}}))
@@ -195,3 +200,19 @@ def test_limit_must_be_a_positive_count(tiny_hpatches, tmp_path, limit):
     with pytest.raises(ValueError, match=f"limit={limit!r}: expected a positive number of pairs"):
         evaluate_benchmark(cfg_for("benchmark=hpatches", "model=sift", f"data_root={tiny_hpatches}",
                                    f"limit={limit}", "progress=false"), tmp_path / "run")
+
+
+def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
+    """A write that fails half-way (a crash, a full disk) leaves the previous file and no stub."""
+    from dkm.utils.files import atomic_write, atomic_write_text
+
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, '{"auc": 1}')
+
+    def fails(f):
+        f.write(b'{"auc": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fails)
+    assert path.read_text() == '{"auc": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

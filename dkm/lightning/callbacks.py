@@ -94,12 +94,13 @@ class BenchmarkCallback(pl.Callback):
         from pathlib import Path
 
         from ..evaluation import write_records_csv
+        from ..utils.files import atomic_write_text
 
         d = Path(trainer.default_root_dir) / "benchmarks" / self.name / f"step{trainer.global_step:08d}"
         d.mkdir(parents=True, exist_ok=True)
-        (d / "metrics.json").write_text(json.dumps({"step": trainer.global_step, "metrics": metrics,
-                                                    "num_ranks": trainer.world_size}, indent=2))
         write_records_csv(records, d / "pairs.csv")
+        atomic_write_text(d / "metrics.json", json.dumps({"step": trainer.global_step, "metrics": metrics,
+                                                          "num_ranks": trainer.world_size}, indent=2))
 
     def _log_pairs(self, trainer, model) -> None:
         if not self.num_log_pairs or not hasattr(model, "match") or trainer.logger is None:
