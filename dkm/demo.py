@@ -100,9 +100,15 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.weights and not args.pretrained:
         p.error("give --weights <checkpoint> or --pretrained (an untrained DKM matches nothing)")
-    for im in (args.im_A, args.im_B):  # before the model is built
-        if not Path(im).is_file():
-            p.error(f"image file not found: {im}")
+    images = []
+    for im in (args.im_A, args.im_B):  # read before the model is built
+        try:
+            images.append(load_image(im))
+        except (OSError, ValueError) as e:
+            p.error(str(e))
+    out = Path(args.out or Path("outputs") / "demo" / f"{Path(args.im_A).stem}-{Path(args.im_B).stem}")
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} exists and is not a folder")
     cfg = {"arch": args.arch or "dkm_base", "weights": args.weights, "pretrained": args.pretrained and not args.weights}
     try:
         if args.weights and Path(args.weights).is_file():  # a .ckpt of train.py knows its architecture
@@ -111,9 +117,8 @@ def main(argv=None) -> dict:
         model = build_model(cfg).to(resolve_device(args.device)).eval()
     except (OSError, RuntimeError, ValueError) as e:  # offline download, unreadable or mismatched checkpoint
         p.exit(2, f"{p.prog}: error: {e}\n")
-    result = match_pair(model, args.im_A, args.im_B, num=args.num, seed=args.seed, center=args.center,
+    result = match_pair(model, *images, num=args.num, seed=args.seed, center=args.center,
                         dtype=DTYPES[args.dtype], precision_scope=args.precision_scope)
-    out = Path(args.out or Path("outputs") / "demo" / f"{Path(args.im_A).stem}-{Path(args.im_B).stem}")
     paths = save_pictures(result, out, max_lines=args.lines, seed=args.seed, center=args.center)
     log.info("%d matches sampled (of %d dense matches with certainty > 0); wrote %s", len(result["kpts_A"]),
              int((result["certainty"] > 0).sum()), ", ".join(str(v) for v in paths.values()))

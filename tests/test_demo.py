@@ -119,3 +119,12 @@ def test_demo_builds_a_train_py_checkpoint_as_trained(pair, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(pair / "missing.png"), str(pair / "b.jpg"), "--weights", str(ckpt)])
     assert "image file not found" in capsys.readouterr().err
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "taken").write_text("a file")
+    for argv, expected in (([str(tmp_path / "notes.png"), str(pair / "b.jpg")], "notes.png is not a readable image"),
+                           ([str(pair / "a.png"), str(pair / "b.jpg"), "--out", str(tmp_path / "taken")],
+                            "taken exists and is not a folder")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--weights", str(ckpt)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and expected in err and "Traceback" not in err, err
