@@ -67,6 +67,17 @@ def test_match_converts_image_modes(small, rgb, mode):
     torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=0)
 
 
+def test_match_takes_the_releases_positional_options(small, rgb):
+    """``match(im1, im2, batched, check_cycle_consistency, do_pred_in_og_res)`` as in the v11 release."""
+    positional = small.match(rgb, rgb, False, True)
+    keyword = small.match(rgb, rgb, check_cycle_consistency=True)
+    for a, b in zip(positional, keyword):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(positional[1], small.match(rgb, rgb)[1])  # the option took effect
+    with pytest.raises(TypeError, match="at most 5 positional arguments .* got 6"):
+        small.match(rgb, rgb, False, False, False, True)
+
+
 def test_float_and_32_bit_images_are_read_by_their_range_or_refused():
     """Mode F in [0, 1] and mode I up to 65535 become the 8-bit image they encode; values outside
     those ranges (a float image in 0..255, an int32 image of counts) are refused, not clipped to white."""

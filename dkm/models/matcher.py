@@ -352,6 +352,9 @@ class RegressionMatcher(nn.Module):
         the prediction leaves the other image (the flow is then clamped to [-1, 1]).
         ``check_cycle_consistency``/``do_pred_in_og_res`` are v11 options and raise for v3.
         """
+        if len(args) > 3:
+            raise TypeError(f"match() takes at most 5 positional arguments (im1, im2, batched, "
+                            f"check_cycle_consistency, do_pred_in_og_res), got {2 + len(args)}")
         if args:  # original positional order: (im1, im2, batched, check_cycle_consistency, do_pred_in_og_res)
             names = ["batched", "check_cycle_consistency", "do_pred_in_og_res"]
             opts = dict(zip(names, args))
