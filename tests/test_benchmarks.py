@@ -115,6 +115,14 @@ def test_hpatches_failed_pairs_are_recorded_and_scored(hpatches_oracle):
     assert all(r["failed"] and r["reason"] for r in records)
     assert all(r["corner_error"] > 100 for r in records)  # the release's diag(0, 0, 1) stand-in
     assert metrics["auc@10"] == 0 and metrics["num_failed"] == 2
+    # NaN coordinates (e.g. a float16 overflow): the pair fails with a reason that says so
+    oracle.corrupt = lambda p1, p2: (np.where(np.arange(len(p1))[:, None] == 0, np.nan, p1), p2)
+    try:
+        records = bench.evaluate_pairs(oracle, [1], progress=False)
+    finally:
+        oracle.corrupt = None
+    assert records[0]["failed"] and "1 of" in records[0]["reason"] and "NaN/inf coordinates" in records[0]["reason"]
+    assert records[0]["corner_error"] > 100
 
 
 class _FailingMatcher:

@@ -147,6 +147,11 @@ class PairBenchmark(ABC):
             m, c = model.sample(dense, cert, self.num_samples, generator=ctx["generator"])
         m = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
         c = c.detach().cpu().numpy() if isinstance(c, torch.Tensor) else np.asarray(c)
+        if m.ndim != 2 or m.shape[1] != 4:
+            raise ValueError(f"the matcher returned matches of shape {m.shape}; expected (N, 4)")
+        if not np.isfinite(m).all():
+            raise ValueError(f"the matcher returned {int((~np.isfinite(m)).any(axis=1).sum())} of {len(m)} "
+                             "matches with NaN/inf coordinates (e.g. an overflow in reduced precision)")
         return m.astype(np.float64), c
 
     def to_pixels(self, matches: np.ndarray, hw1, hw2, center: float | None = None):
