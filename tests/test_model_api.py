@@ -266,6 +266,8 @@ def test_to_pixel_coordinates_and_convention():
     ka, kb = zoo.RegressionMatcher.to_pixel_coordinates(m, 4, 8, 10, 20)
     torch.testing.assert_close(ka, torch.tensor([[0.5, 0.5]]))
     torch.testing.assert_close(kb, torch.tensor([[20.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"matches of shape \(1, 3\); expected \(\.\.\., 4\)"):
+        zoo.RegressionMatcher.to_pixel_coordinates(m[:, :3], 4, 8, 10, 20)
     ka0, _ = zoo.RegressionMatcher.to_pixel_coordinates(m, 4, 8, 10, 20, center=0.0)
     torch.testing.assert_close(ka0, torch.tensor([[0.0, 0.0]]))
     uv = np.array([[3.0, 7.0]])

@@ -499,5 +499,8 @@ class RegressionMatcher(nn.Module):
     def to_pixel_coordinates(matches, H_A: int, W_A: int, H_B: int, W_B: int, center: float = DEFAULT_CENTER):
         """Normalized matches (..., 4) -> pixel keypoints ``kpts_A`` (..., 2) in image A (H_A x W_A)
         and ``kpts_B`` (..., 2) in image B; ``center`` as in :mod:`dkm.geometry.coords`."""
+        if matches.shape[-1] != 4:
+            raise ValueError(f"to_pixel_coordinates(): matches of shape {tuple(matches.shape)}; expected (..., 4) "
+                             "= [x_A, y_A, x_B, y_B] as match()/sample() return them")
         return (normalized_to_pixel(matches[..., :2], H_A, W_A, center),
                 normalized_to_pixel(matches[..., 2:], H_B, W_B, center))
