@@ -106,8 +106,11 @@ def test_synthetic_weights_follow_fixture_recipe(keys, ref):
 
 
 def test_release_defaults(model):
-    out, ind = DKMv3_outdoor.__kwdefaults__, DKMv3_indoor.__kwdefaults__
-    assert (out["h"], out["w"], ind["h"], ind["w"]) == (540, 720, 480, 640)
+    with torch.device("meta"):
+        out, ind = DKMv3_outdoor(pretrained=False), DKMv3_indoor(pretrained=False)
+    assert (out.h_resized, out.w_resized, ind.h_resized, ind.w_resized) == (540, 720, 480, 640)
+    assert (out.upsample_preds, ind.upsample_preds, out.upsample_res, ind.upsample_res) == (
+        True, False, (864, 1152), (864, 1152))
     assert model.symmetric and model.upsample_preds and model.sample_mode == "threshold_balanced"
     assert model.sample_thresh == 0.05 and model.version == "v3"
     assert type(model.encoder.net).__name__ == "ResNet"
