@@ -257,7 +257,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         "shard": cfg.get("shard"),
         "merged_from": [str(d) for d in cfg.merge] if cfg.get("merge") else None,
         "num_pairs_in_benchmark": num_listed,
-        "missing_pairs": missing if merging else [],
+        "missing_pairs": missing,
     }
     # each file whole or not at all; metrics.json last, so that its presence means a complete run
     atomic_write_text(out_dir / "records.json", json.dumps(records, default=_json_default))

@@ -774,8 +774,8 @@ def test_export_refuses_files_that_are_not_lightning_checkpoints(tmp_path, capsy
     truncated.write_bytes(truncated.read_bytes()[:300])
     listed = tmp_path / "list.ckpt"
     torch.save([1, 2], listed)
-    for path, expected in ((text, "could not be read as a Lightning checkpoint"),
-                           (truncated, "could not be read as a Lightning checkpoint"),
+    for path, expected in ((text, "could not be read as a torch checkpoint"),
+                           (truncated, "could not be read as a torch checkpoint"),
                            (listed, "not a Lightning checkpoint (expected a dict with a 'state_dict', got list)"),
                            (tmp_path / "gone.ckpt", "checkpoint not found")):
         with pytest.raises(SystemExit) as e:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -27,13 +26,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def export_weights(ckpt_path, out_path) -> dict:
     """Lightning ``.ckpt`` -> the upstream ``.pth`` layout (the model's state_dict, keys without the
     ``model.`` prefix), loadable by ``dkm_base(weights=...)`` and ``evaluate.py ckpt=...``."""
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    try:  # (train.py's checkpoints need no pickle)
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, foreign or non-torch files
-        raise ValueError(f"{ckpt_path} could not be read as a Lightning checkpoint of train.py "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    from ..models.zoo import read_checkpoint
+
+    ckpt = read_checkpoint(ckpt_path)  # (train.py's checkpoints need no pickle)
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (expected a dict with a 'state_dict', "

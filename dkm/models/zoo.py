@@ -146,22 +146,29 @@ ARCHITECTURES = {
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def _read_state_dict(path) -> dict:
+def read_checkpoint(path):
+    """The object ``torch.save`` wrote to ``path`` (tensors only: ``weights_only``), memory-mapped where
+    the file allows it; ``FileNotFoundError``/``ValueError`` naming the file if it is missing or is not
+    a readable torch file (truncated, text, ...)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:  # memory-mapped: the weights are read once, straight into the model (no second copy)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
-        obj = None
+        pass
     except Exception as e:
-        raise ValueError(f"{path} could not be read as a torch checkpoint ({e})") from e
-    if obj is None:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{path} could not be read as a torch checkpoint ({e})") from e
-    return _unwrap(obj, str(path))
+        raise ValueError(f"{path} could not be read as a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as a torch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+
+
+def _read_state_dict(path) -> dict:
+    return _unwrap(read_checkpoint(path), str(path))
 
 
 # ``conf/model`` keys that say where weights come from or how to run inference, not what was trained
