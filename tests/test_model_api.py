@@ -93,6 +93,8 @@ def test_float_and_32_bit_images_are_read_by_their_range_or_refused():
         load_image(Image.fromarray(gray.astype(np.float32), "F"))
     with pytest.raises(ValueError, match=r"32-bit integer image \(mode I\) with values in \[1e\+06, 1e\+06\]; expected \[0, 65535\]"):
         load_image(Image.fromarray(np.full((8, 8), 10**6, dtype=np.int32), "I"))
+    with pytest.raises(ValueError, match=r"PIL image: cannot convert image mode La to RGB"):
+        load_image(Image.new("La", (8, 8)))
 
 
 def test_internal_resolution_and_original_resolution(small, rgb):
@@ -248,6 +250,8 @@ def test_sample_is_weighted_reproducible_and_thresholded():
             zoo.RegressionMatcher.sample(matches, cert, bad)
     with pytest.raises(ValueError, match=r"matches of shape \(4, 40, 50\); expected \(\.\.\., 4\)"):
         zoo.RegressionMatcher.sample(matches.permute(2, 0, 1), cert, 10)
+    with pytest.raises(TypeError, match=r"sample\(generator=0\): expected a torch.Generator"):
+        zoo.RegressionMatcher.sample(matches, cert, 10, generator=0)
 
 
 def test_sample_defaults_to_each_releases_number_of_matches(small):
@@ -327,6 +331,14 @@ def test_resolution_is_checked_when_the_model_is_built(bad):
         zoo.build_model({"arch": "dkm_small", **bad})
     with pytest.raises(ValueError, match=r"upsample_res=\(64,\)"):
         zoo.build_model({"arch": "dkmv3_indoor", "upsample_res": (64,)})
+
+
+def test_unknown_official_version_is_refused_with_or_without_download():
+    """``version`` selects the official download; a typo is refused even when nothing is downloaded."""
+    with pytest.raises(ValueError, match=r"dkm_base version 'v2': official versions of dkm_base are \['v11'\]"):
+        zoo.build_model({"arch": "dkm_base", "version": "v2"})
+    with pytest.raises(ValueError, match=r"dkmv3_indoor version 'v11'"):
+        zoo.build_model({"arch": "dkmv3_indoor", "version": "v11"})
 
 
 def test_pretrained_offline_says_what_to_do(monkeypatch):

@@ -462,6 +462,9 @@ class RegressionMatcher(nn.Module):
         thresh = self.sample_thresh if self is not None else 0.05
         if isinstance(num, bool) or int(num) != num or num < 0:
             raise ValueError(f"sample(num={num!r}): expected a count >= 0")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"sample(generator={generator!r}): expected a torch.Generator, "
+                            "e.g. torch.Generator().manual_seed(0), or None")
         as_numpy = isinstance(matches, np.ndarray)
         m = torch.as_tensor(matches)
         if m.dim() < 1 or m.shape[-1] != 4:

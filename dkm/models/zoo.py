@@ -292,6 +292,9 @@ def _make(arch: str, *, pretrained: bool, version: str, weights, backbone_weight
     overrides |= _trained_settings(arch, weights, overrides)
     kwargs = {**ARCHITECTURES[arch], **{k: v for k, v in overrides.items() if v is not None or k not in ("h", "w")}}
     _check_resolution(kwargs)
+    versions = [v for a, v in WEIGHT_URLS if a == arch]
+    if versions and version not in versions:  # the version selects the official download only: refuse a typo anyway
+        raise ValueError(f"{arch} version {version!r}: official versions of {arch} are {versions}")
     if weights is None and pretrained:
         weights = download_weights(arch, version)
     if weights is None:

@@ -58,7 +58,11 @@ def load_image(im) -> Image.Image:
         a = np.clip(np.round(a / scale * 255.0), 0, 255).astype(np.uint8)
         im = Image.fromarray(a)
     if im.mode != "RGB":
-        im = im.convert("RGB")
+        try:
+            im = im.convert("RGB")
+        except ValueError as e:  # modes PIL cannot convert to RGB, e.g. "La" or "LAB"
+            raise ValueError(f"{name}: cannot convert image mode {im.mode} to RGB ({e}); "
+                             "save or convert it as RGB or grayscale first") from e
     return im
 
 
