@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import numpy as np
@@ -38,8 +39,6 @@ class _SampleMethod:
         self.__doc__ = fn.__doc__
 
     def __get__(self, obj, objtype=None):
-        import functools
-
         return functools.wraps(self.fn)(functools.partial(self.fn, obj))
 
 
