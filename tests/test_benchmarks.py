@@ -257,6 +257,10 @@ PUBLISHED_PROTOCOLS = {
     "megadepth_8_scenes": {"center": 0.5, "num_samples": 5000, "threshold_px": 0.5, "threshold_norm": "mean_abs",
                            "ransac_repeats": 5, "resolution": [660, 880], "upsample_preds": True,
                            "upsample_res": [1152, 1536]},
+    # DKMv3 megadepth_dense_benchmark: test_loftr scenes 0015 and 0022 (build_scenes' min_overlap 0.0), PCK at
+    # 1, 3, 5 px of the model's output grid; train_DKMv3_outdoor/indoor: num_samples=4000 pairs
+    "megadepth_dense": {"scenes": ["0015", "0022"], "min_overlap": 0.0, "num_pairs": 4000,
+                        "pck_thresholds": [1, 3, 5], "cycle_consistency": False, "resolution": None},
 }
 
 

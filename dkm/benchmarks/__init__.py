@@ -2,6 +2,7 @@
 from .base import PairBenchmark, dedup_records
 from .hpatches import HpatchesHomogBenchmark
 from .megadepth1500 import Megadepth1500Benchmark, Megadepth8ScenesBenchmark
+from .megadepth_dense import MegadepthDenseBenchmark
 from .relative_pose import RelativePoseBenchmark
 from .scannet import ScanNetBenchmark
 from .yfcc import Yfcc100mBenchmark
@@ -12,8 +13,8 @@ BENCHMARKS = {
     "yfcc": Yfcc100mBenchmark,
     "megadepth1500": Megadepth1500Benchmark,
     "megadepth_8_scenes": Megadepth8ScenesBenchmark,
+    "megadepth_dense": MegadepthDenseBenchmark,
 }
 
 __all__ = ["BENCHMARKS", "HpatchesHomogBenchmark", "Megadepth1500Benchmark", "Megadepth8ScenesBenchmark",
-           "PairBenchmark",
-           "RelativePoseBenchmark", "ScanNetBenchmark", "Yfcc100mBenchmark", "dedup_records"]
+           "MegadepthDenseBenchmark", "PairBenchmark", "RelativePoseBenchmark", "ScanNetBenchmark", "Yfcc100mBenchmark", "dedup_records"]
