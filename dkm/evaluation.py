@@ -97,6 +97,9 @@ def select_indices(n: int, subset=None, shard=None) -> list[int]:
             idx = shard_indices(idx, k, m)
         except ValueError as e:
             raise ValueError(f"shard={shard!r}: expected 'k/m' with 0 <= k < m ({e})") from None
+    if not idx:  # (else the run would build the model, evaluate nothing and fail in the metrics)
+        sel = ", ".join(f"{k}={v!r}" for k, v in (("subset", subset), ("shard", shard)) if v is not None)
+        raise ValueError(f"{sel} selects none of the {n} pairs" + (" (more shards than pairs)" if shard else ""))
     return idx
 
 

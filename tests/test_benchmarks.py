@@ -49,6 +49,28 @@ def test_hpatches_ground_truth_matches_score_100(hpatches_oracle):
     assert 90 < quirk["auc@3"] < 100
 
 
+def test_release_entry_point_arguments(hpatches_oracle, tmp_path):
+    """The releases' call forms: ``benchmark_hpatches(model, ransac_thr)`` (v11) sets the threshold for that
+    call only, ``benchmark(model, model_name)`` (DKMv3) is accepted, ``scene_names=None`` is the default list."""
+    root, oracle = hpatches_oracle
+    bench = HpatchesHomogBenchmark(root, center=0.0, limit=2)
+    seen = []
+
+    class Spy:
+        def match_sparse(self, im1, im2):
+            seen.append(bench.ransac_thr)
+            return oracle.match_sparse(im1, im2)
+
+    assert bench.benchmark_hpatches(Spy(), ransac_thr=1.5)["num_failed"] == 0
+    assert bench.benchmark_hpatches(Spy(), 2.0)["auc@10"] == pytest.approx(100, abs=0.01)
+    bench.benchmark(Spy(), model_name="dkm")
+    assert seen == [1.5, 1.5, 2.0, 2.0, 3.0, 3.0] and bench.ransac_thr == 3.0
+    md = make_megadepth1500(tmp_path / "md")
+    assert Megadepth1500Benchmark(md, scene_names=None).scene_names == Megadepth1500Benchmark(md).scene_names
+    with pytest.raises(FileNotFoundError, match="mega_8_scenes"):  # None = the eight scenes' files, not MegaDepth-1500's
+        Megadepth8ScenesBenchmark(md, scene_names=None)
+
+
 def test_hpatches_known_shift_gives_hand_computed_auc(hpatches_oracle):
     root, oracle = hpatches_oracle
     oracle.corrupt = lambda p1, p2: (p1, p2 + np.array([2.0, 0.0]))  # every estimate off by exactly 2 px

@@ -29,6 +29,11 @@ def test_select_indices():
         select_indices(3, [3])
     with pytest.raises(ValueError, match="k/m"):
         select_indices(3, None, "3/3")
+    # an empty selection stops the run before the model is built (it used to fail in the metrics)
+    with pytest.raises(ValueError, match=r"subset=\[\] selects none of the 3 pairs"):
+        select_indices(3, [])
+    with pytest.raises(ValueError, match=r"shard='3/4' selects none of the 3 pairs \(more shards than pairs\)"):
+        select_indices(3, None, "3/4")
 
 
 @pytest.fixture(scope="module")

@@ -261,8 +261,9 @@ class PairBenchmark(ABC):
         self.last_records = records
         return self.compute_metrics(records), records
 
-    def benchmark(self, model) -> dict:
-        """All pairs -> metrics (the original Python entry point)."""
+    def benchmark(self, model, model_name: str | None = None) -> dict:
+        """All pairs -> metrics (the original Python entry point; ``model_name``, which DKMv3's
+        ``benchmark(model, model_name)`` took and did not use, is accepted and ignored)."""
         return self.run(model)[0]
 
 

@@ -131,6 +131,13 @@ class HpatchesHomogBenchmark(PairBenchmark):
         out["num_failed"] = sum(bool(r["failed"]) for r in records)
         return out
 
-    def benchmark_hpatches(self, model) -> dict:
-        """The original entry point: metrics over all pairs."""
-        return self.benchmark(model)
+    def benchmark_hpatches(self, model, ransac_thr: float | None = None) -> dict:
+        """The original entry point: metrics over all pairs. ``ransac_thr`` (the v11 signature's
+        argument, default 3.0) overrides the constructor's threshold for this call."""
+        if ransac_thr is None:
+            return self.benchmark(model)
+        kept, self.ransac_thr = self.ransac_thr, float(ransac_thr)
+        try:
+            return self.benchmark(model)
+        finally:
+            self.ransac_thr = kept

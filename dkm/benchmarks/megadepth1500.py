@@ -27,7 +27,7 @@ class Megadepth1500Benchmark(RelativePoseBenchmark):
                 "shuffle_repeats": True}
 
     def __init__(self, data_root="data/megadepth", *, scene_names=SCENE_INFOS, **kw):
-        self.scene_names = list(scene_names)
+        self.scene_names = list(SCENE_INFOS if scene_names is None else scene_names)  # None: as DKMv3's default
         super().__init__(data_root, **(self.PROTOCOL | kw))
 
     def required_paths(self):
@@ -73,4 +73,4 @@ class Megadepth8ScenesBenchmark(Megadepth1500Benchmark):
                                                    "upsample_res": (1152, 1536)}
 
     def __init__(self, data_root="data/megadepth", *, scene_names=EIGHT_SCENES, **kw):
-        super().__init__(data_root, scene_names=scene_names, **kw)
+        super().__init__(data_root, scene_names=EIGHT_SCENES if scene_names is None else scene_names, **kw)
