@@ -459,7 +459,7 @@ def test_cycle_consistency_protocol_rejects_a_dkmv3_model_before_any_pair(hpatch
 
     v3 = V3(center=0.0)
     v3.table = oracle.table
-    with pytest.raises(ValueError, match="_dkmv3"):
+    with pytest.raises(ValueError, match=r"benchmark=hpatches_dkmv3; from Python the values of conf/benchmark/hpatches_dkmv3.yaml"):
         HpatchesHomogBenchmark(root, **protocol("hpatches")).evaluate_pairs(v3, progress=False)
     records = HpatchesHomogBenchmark(root, **protocol("hpatches_dkmv3")).evaluate_pairs(v3, [0], progress=False)
     assert not records[0]["failed"]

@@ -217,7 +217,8 @@ class PairBenchmark(ABC):
             # (else every pair would fail in match() and be scored as a failure)
             raise ValueError(f"{self.name}: this protocol matches with cycle consistency (the DKM v11 option), "
                              "which DKMv3 models do not have (they match both directions); use the DKMv3 "
-                             "protocol (benchmark=<name>_dkmv3) or benchmark.cycle_consistency=false")
+                             f"protocol (evaluate.py benchmark={self.name}_dkmv3; from Python the values of "
+                             f"conf/benchmark/{self.name}_dkmv3.yaml as keywords), or cycle_consistency=false")
         with self._at_resolution(model):
             return self._evaluate(model, indices, progress)
 
