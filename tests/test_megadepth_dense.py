@@ -132,3 +132,17 @@ def test_config_is_the_python_default_and_check_reads_depths(root, tmp_path):
     n, problems = check_tree("megadepth_dense", root)
     assert n == 5 and len(problems) == 1 and "1_0.h5" in problems[0]
     assert (REPO / "conf" / "callbacks" / "megadepth_dense.yaml").is_file()
+
+
+def test_a_scene_info_without_a_key_is_named_for_training_and_benchmark(tmp_path):
+    from dkm.data.megadepth import build_megadepth
+
+    make_megadepth_scene(tmp_path, scene="0015", n_pairs=1)
+    path = tmp_path / "prep_scene_info" / "0015.npy"
+    info = np.load(path, allow_pickle=True).item()
+    del info["overlaps"]
+    np.save(path, info, allow_pickle=True)
+    for build in (lambda: MegadepthDenseBenchmark(tmp_path, scenes=["0015"]),
+                  lambda: build_megadepth(tmp_path, exclude_scenes=())):
+        with pytest.raises(KeyError, match=r"0015.npy: scene info lacks \['overlaps'\]"):
+            build()

@@ -85,13 +85,21 @@ class MegadepthScene(Dataset):
         return out
 
 
+#: what a ``prep_scene_info`` file holds (see the module docstring)
+SCENE_INFO_KEYS = ("image_paths", "depth_paths", "intrinsics", "poses", "pairs", "overlaps")
+
+
 def load_scene_info(path: Path) -> dict:
-    """A ``prep_scene_info`` file (``.npy`` pickled dict, ``.npz`` archive or pickled dict) as a dict;
-    errors name the file."""
+    """A ``prep_scene_info`` file (``.npy`` pickled dict, ``.npz`` archive or pickled dict) as a dict
+    with :data:`SCENE_INFO_KEYS`; errors name the file."""
     try:
-        return load_arrays(path, allow_pickle=True)
+        info = load_arrays(path, allow_pickle=True)
     except Exception as e:
         raise OSError(f"MegaDepth: corrupt or unreadable scene info {path}: {e}") from e
+    missing = [k for k in SCENE_INFO_KEYS if k not in info]
+    if missing:
+        raise KeyError(f"{path}: scene info lacks {missing}; expected {list(SCENE_INFO_KEYS)}")
+    return info
 
 
 def check_files(parts, what: str, mode: str = "dirs", max_list: int = 10) -> None:
@@ -131,9 +139,6 @@ def build_megadepth(data_root, *, overlap_bands=((0.01, 1.0), (0.35, 1.0)), excl
     parts = []
     for f in files:
         info = load_scene_info(f)
-        missing = [k for k in ("image_paths", "depth_paths", "intrinsics", "poses", "pairs", "overlaps") if k not in info]
-        if missing:
-            raise KeyError(f"{f}: scene info lacks {missing}")
         for lo, hi in overlap_bands:
             parts.append(MegadepthScene(root, info, f.stem, min_overlap=lo, max_overlap=hi, **kw))
     parts = [p for p in parts if len(p)]

@@ -153,18 +153,21 @@ def read_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+
+    def unreadable(e: Exception) -> ValueError:
+        first = str(e).splitlines()[0] if str(e) else ""
+        return ValueError(f"{path} could not be read as a torch checkpoint ({type(e).__name__}: {first})")
+
     try:  # memory-mapped: the weights are read once, straight into the model (no second copy)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # legacy (non-zip) serialization cannot be memory-mapped
         pass
     except Exception as e:
-        raise ValueError(f"{path} could not be read as a torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise unreadable(e) from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} could not be read as a torch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise unreadable(e) from e
 
 
 def _read_state_dict(path) -> dict:

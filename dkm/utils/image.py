@@ -60,7 +60,7 @@ def load_image(im) -> Image.Image:
     if im.mode != "RGB":
         try:
             im = im.convert("RGB")
-        except ValueError as e:  # modes PIL cannot convert to RGB, e.g. "La" or "LAB"
+        except ValueError as e:  # modes PIL cannot convert to RGB, e.g. "La"
             raise ValueError(f"{name}: cannot convert image mode {im.mode} to RGB ({e}); "
                              "save or convert it as RGB or grayscale first") from e
     return im
