@@ -252,6 +252,10 @@ def test_sample_is_weighted_reproducible_and_thresholded():
         zoo.RegressionMatcher.sample(matches.permute(2, 0, 1), cert, 10)
     with pytest.raises(TypeError, match=r"sample\(generator=0\): expected a torch.Generator"):
         zoo.RegressionMatcher.sample(matches, cert, 10, generator=0)
+    # a batch of pairs is refused (pooling would mix their matches); a batch of one is one pair
+    with pytest.raises(ValueError, match=r"shape \(2, 40, 50, 4\) hold 2 pairs; sample each pair"):
+        zoo.RegressionMatcher.sample(torch.stack([matches, matches]), torch.stack([cert, cert]), 10)
+    assert zoo.RegressionMatcher.sample(matches[None], cert[None], 10)[0].shape == (10, 4)
 
 
 def test_sample_defaults_to_each_releases_number_of_matches(small):

@@ -446,7 +446,9 @@ class RegressionMatcher(nn.Module):
         :mod:`dkm.models.sampling` (``relative_confidence_threshold`` > 0 filters first there too).
 
         Args:
-            matches: (..., 4) tensor or array; certainty: (...) matching its leading dims.
+            matches: (..., 4) tensor or array of one pair, e.g. ``(H, W, 4)``, ``(1, H, W, 4)`` or ``(N, 4)``
+                (a batch ``(B, H, W, 4)`` with ``B > 1`` is refused: sample each pair);
+                certainty: (...) matching its leading dims.
             num: default as in each release: 20000 for v11 (and on the class), 10000 for DKMv3.
             generator: a ``torch.Generator`` for reproducibility (on any device).
         Returns:
@@ -469,6 +471,9 @@ class RegressionMatcher(nn.Module):
         if m.dim() < 1 or m.shape[-1] != 4:
             raise ValueError(f"sample(): matches of shape {tuple(m.shape)}; expected (..., 4) = [x_A, y_A, x_B, y_B] "
                              "as match() returns them")
+        if m.dim() == 4 and m.shape[0] > 1:  # match() on a batch: (B, H, W, 4); pooling would mix the pairs
+            raise ValueError(f"sample(): matches of shape {tuple(m.shape)} hold {m.shape[0]} pairs; sample each "
+                             "pair on its own: sample(matches[i], certainty[i], ...)")
         m = m.reshape(-1, 4)
         c = torch.as_tensor(certainty, device=m.device).reshape(-1).to(m.dtype if m.is_floating_point() else torch.float32)
         if c.numel() != m.shape[0]:
