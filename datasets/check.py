@@ -1,10 +1,11 @@
 """Report what is missing in a benchmark tree, before a long run finds out.
 
-    python datasets/check.py hpatches data/hpatches
+    python datasets/check.py hpatches data/hpatches         # also hpatches_dense
     python datasets/check.py scannet data/scannet
     python datasets/check.py yfcc data/yfcc100m_test
     python datasets/check.py megadepth1500 data/megadepth
     python datasets/check.py megadepth_8_scenes data/megadepth
+    python datasets/check.py megadepth_dense data/megadepth  # dense benchmark on the training tree
     python datasets/check.py megadepth data/megadepth      # training tree (prep_scene_info)
     python datasets/check.py scannet_train data/scannet     # training tree (scannet_indices)
 
@@ -46,8 +47,9 @@ def check_training(kind: str, root: str) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=["hpatches", "scannet", "yfcc", "megadepth1500", "megadepth_8_scenes", "megadepth",
-                                     "scannet_train"])
+    from dkm.benchmarks import BENCHMARKS
+
+    p.add_argument("name", choices=[*sorted(BENCHMARKS), "megadepth", "scannet_train"])
     p.add_argument("root")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")

@@ -255,6 +255,13 @@ PUBLISHED_PROTOCOLS = {
     # DKMv3: offset = 0.5, sample 5000, the same RANSAC; test_DKMv3_outdoor.test_hpatches: 540x720, no upsampling
     "hpatches_dkmv3": {"center": 0.0, "num_samples": 5000, "ransac_thr": 3.0, "ransac_conf": 0.99999,
                        "resolution": [540, 720], "upsample_preds": False},
+    # DKM HEAD hpatches_dense_benchmark: viewpoint sequences, both ends of a match "- 0.5" px, PCK at 1, 3, 5 px,
+    # hp240=False; test_hpatches_dense.py: DKMv3 outdoor at 660x880, no upsampling
+    "hpatches_dense": {"sequences": "v", "exclude_sequences": [], "center": 0.0, "pck_thresholds": [1, 3, 5],
+                       "hp240": False, "cycle_consistency": False, "resolution": None},
+    "hpatches_dense_dkmv3": {"sequences": "v", "exclude_sequences": [], "center": 0.0, "pck_thresholds": [1, 3, 5],
+                             "hp240": False, "cycle_consistency": False, "resolution": [660, 880],
+                             "upsample_preds": False},
     # v11 scannet_benchmark: offset 0.5, sample 10000, short side 480, 1.0 / (mean(K1[:2,:2]) + mean(K2[:2,:2])),
     # conf 0.9999999, one estimate
     "scannet": {"center": 0.0, "num_samples": 10000, "scale_side": "short", "scale_to": 480, "threshold_px": 1.0,
@@ -369,14 +376,15 @@ def test_sift_on_real_hpatches(realdata_dir):
     assert 55 < metrics["auc@10"] < 85 and all(r["inliers"] >= 10 for r in records)
 
 
-@pytest.mark.parametrize("name", ["hpatches", "scannet", "yfcc", "megadepth1500", "megadepth_8_scenes"])
+@pytest.mark.parametrize("name", ["hpatches", "hpatches_dense", "scannet", "yfcc", "megadepth1500",
+                                  "megadepth_8_scenes"])
 def test_python_api_defaults_are_the_config_protocols(tmp_path, name):
     """``Benchmark(root)`` from Python (the original entry points) runs exactly conf/benchmark/<name>.yaml."""
     import inspect
 
     from dkm.benchmarks import BENCHMARKS
 
-    maker = {"hpatches": make_hpatches, "scannet": make_scannet, "yfcc": make_yfcc,
+    maker = {"hpatches": make_hpatches, "hpatches_dense": make_hpatches, "scannet": make_scannet, "yfcc": make_yfcc,
              "megadepth1500": make_megadepth1500,
              "megadepth_8_scenes": lambda root: make_megadepth1500(root, scene_names=EIGHT_SCENES)}[name]
     root = maker(tmp_path)
@@ -426,7 +434,7 @@ def test_v3_protocols_set_resolution_and_upsampling_then_restore(tmp_path, name,
     """Each benchmark config sets the release's internal resolution and upsampling pass on the model
     while it runs (the model's own settings where the config says null), and restores them afterwards."""
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "benchmark" / f"{name}.yaml"))
-    maker = {"hpatches": make_hpatches, "scannet": make_scannet,
+    maker = {"hpatches": make_hpatches, "hpatches_dense": make_hpatches, "scannet": make_scannet,
              "megadepth1500": make_megadepth1500,
              "megadepth_8_scenes": lambda root: make_megadepth1500(root, scene_names=EIGHT_SCENES[:1])}[cfg["name"]]
     if cfg["name"] == "megadepth_8_scenes":

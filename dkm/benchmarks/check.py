@@ -1,10 +1,12 @@
 """Report what is missing in a benchmark tree before a long run finds out.
 
     python -m dkm.benchmarks.check hpatches data/hpatches
+    python -m dkm.benchmarks.check hpatches_dense data/hpatches
     python -m dkm.benchmarks.check scannet data/scannet
     python -m dkm.benchmarks.check yfcc data/yfcc100m_test
     python -m dkm.benchmarks.check megadepth1500 data/megadepth
     python -m dkm.benchmarks.check megadepth_8_scenes data/megadepth
+    python -m dkm.benchmarks.check megadepth_dense data/megadepth
 
 Lists the missing index files first (the benchmark refuses to start without them), then reads every
 pair's images (and per-pair ground truth such as HPatches' homographies) and lists what is missing or

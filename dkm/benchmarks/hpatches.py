@@ -1,4 +1,5 @@
-"""HPatches homography benchmark, as evaluated by the DKM v11 release."""
+"""HPatches: the sequences on disk (shared by both HPatches protocols) and the homography benchmark,
+as evaluated by the DKM v11 release."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,34 +13,21 @@ from ..utils.image import load_image
 from .base import PairBenchmark
 
 
-class HpatchesHomogBenchmark(PairBenchmark):
-    """``<root>/hpatches-sequences-release/<seq>/{1..6}.ppm`` with ``H_1_k`` (image 1 pixels ->
-    image k pixels, integer pixel centres). Pairs (1, k), k = 2..6, of every sequence.
+class HpatchesSequences(PairBenchmark):
+    """The HPatches release on disk: ``<root>/hpatches-sequences-release/<seq>/{1..6}.ppm`` with
+    ``H_1_k`` (image 1 pixels -> image k pixels, integer pixel centres). Pairs ``(seq, k)``, k = 2..6,
+    of the sequences selected by ``sequences`` (``"all"``, ``"v"`` viewpoint, ``"i"`` illumination)
+    minus ``exclude_sequences``, sorted by name. Subclasses implement the protocol."""
 
-    Protocol of the release (all values are arguments, set in ``conf/benchmark/hpatches.yaml``):
-    cycle-consistent dense matching, 20000 samples, matches converted to pixels with ``center``
-    (the release used ``u = W (x + 1) / 2``, i.e. 0.5, although HPatches puts pixel centres on
-    integers), OpenCV RANSAC with threshold ``ransac_thr * min(h2, w2) / 480`` and confidence
-    0.99999, a failed estimate replaced by ``diag(0, 0, 1)``, the mean error of the four corners
-    ``(0, 0), (0, h-1), (w-1, 0), (w-1, h-1)`` divided by ``min(h2, w2) / 480``, AUC at 1..10 px.
-    """
-
-    name = "hpatches"
     #: sequences of the HPatches release: 57 illumination (i_) and 59 viewpoint (v_) ones
     RELEASE_SEQUENCES = {"i": 57, "v": 59}
 
-    def __init__(self, data_root, *, num_samples: int = 20000, cycle_consistency: bool = True,
-                 center: float = 0.5, ransac_thr: float = 3.0, ransac_conf: float = 0.99999,
-                 normalize_to: float = 480.0, auc_thresholds=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
-                 report_at=(3, 5, 10), sequences: str = "all", exclude_sequences=(), **kw):
-        self.ransac_thr, self.ransac_conf = ransac_thr, ransac_conf
-        self.normalize_to = normalize_to
-        self.auc_thresholds, self.report_at = list(auc_thresholds), list(report_at)
+    def __init__(self, data_root, *, sequences: str = "all", exclude_sequences=(), **kw):
         if sequences not in ("all", "v", "i"):
-            raise ValueError(f"hpatches: sequences must be 'all', 'v' (viewpoint) or 'i' (illumination), got {sequences!r}")
+            raise ValueError(f"{self.name}: sequences must be 'all', 'v' (viewpoint) or 'i' (illumination), "
+                             f"got {sequences!r}")
         self.sequences, self.exclude_sequences = sequences, set(exclude_sequences)
-        super().__init__(data_root, num_samples=num_samples, cycle_consistency=cycle_consistency,
-                         center=center, **kw)
+        super().__init__(data_root, **kw)
 
     @property
     def seqs_path(self) -> Path:
@@ -64,7 +52,7 @@ class HpatchesHomogBenchmark(PairBenchmark):
         if all(found[k] == self.RELEASE_SEQUENCES[k] for k in kinds):
             return []
         have = ", ".join(f"{found[k]} of {self.RELEASE_SEQUENCES[k]} {k}_" for k in kinds)
-        return [f"hpatches: {have} sequences of the release under {self.seqs_path}: metrics are not "
+        return [f"{self.name}: {have} sequences of the release under {self.seqs_path}: metrics are not "
                 "comparable to published ones (re-run datasets/hpatches/download.sh)"]
 
     def pair_id(self, pair) -> str:
@@ -88,6 +76,30 @@ class HpatchesHomogBenchmark(PairBenchmark):
     def check_pair(self, pair) -> None:
         super().check_pair(pair)
         self._gt(pair)
+
+
+class HpatchesHomogBenchmark(HpatchesSequences):
+    """Homography estimation on the pairs (1, k) of :class:`HpatchesSequences`.
+
+    Protocol of the release (all values are arguments, set in ``conf/benchmark/hpatches.yaml``):
+    cycle-consistent dense matching, 20000 samples, matches converted to pixels with ``center``
+    (the release used ``u = W (x + 1) / 2``, i.e. 0.5, although HPatches puts pixel centres on
+    integers), OpenCV RANSAC with threshold ``ransac_thr * min(h2, w2) / 480`` and confidence
+    0.99999, a failed estimate replaced by ``diag(0, 0, 1)``, the mean error of the four corners
+    ``(0, 0), (0, h-1), (w-1, 0), (w-1, h-1)`` divided by ``min(h2, w2) / 480``, AUC at 1..10 px.
+    """
+
+    name = "hpatches"
+
+    def __init__(self, data_root, *, num_samples: int = 20000, cycle_consistency: bool = True,
+                 center: float = 0.5, ransac_thr: float = 3.0, ransac_conf: float = 0.99999,
+                 normalize_to: float = 480.0, auc_thresholds=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
+                 report_at=(3, 5, 10), sequences: str = "all", exclude_sequences=(), **kw):
+        self.ransac_thr, self.ransac_conf = ransac_thr, ransac_conf
+        self.normalize_to = normalize_to
+        self.auc_thresholds, self.report_at = list(auc_thresholds), list(report_at)
+        super().__init__(data_root, num_samples=num_samples, cycle_consistency=cycle_consistency,
+                         center=center, sequences=sequences, exclude_sequences=exclude_sequences, **kw)
 
     def evaluate_pair(self, model, pair, ctx):
         im1, im2 = self.pair_images(pair)

@@ -19,8 +19,10 @@ from ..geometry.coords import normalized_to_pixel
 from ..geometry.warp import warp_kpts
 from ..utils.image import load_image
 from .base import PairBenchmark
+from .dense import DenseWarpScoring
 
-class MegadepthDenseBenchmark(PairBenchmark):
+
+class MegadepthDenseBenchmark(DenseWarpScoring, PairBenchmark):
     """Dense warp accuracy on MegaDepth pairs with depth ground truth.
 
     Protocol (values in ``conf/benchmark/megadepth_dense.yaml``): ``num_pairs`` pairs drawn uniformly
@@ -30,10 +32,8 @@ class MegadepthDenseBenchmark(PairBenchmark):
     model's resolution (``resolution`` to set one); the ground truth is the depth warp of the
     returned query points (:func:`~dkm.geometry.warp.warp_kpts` on the depths resized to the output
     grid, bilinearly as in training). Errors are distances in pixels of the output grid; a pair's
-    EPE and PCK@t are over its pixels with ground truth. Metrics are means over the pairs (the
-    release averaged batches of 8 pairs pooled pixel-wise), PCK in percent. A failed pair scores
-    PCK 0 and is left out of the EPE mean (``num_failed``); a pair without any ground-truth pixel
-    cannot be scored and is counted in ``num_without_gt``.
+    EPE and PCK@t are over its pixels with ground truth, scored as :mod:`dkm.benchmarks.dense` says
+    (means over the pairs; the release averaged batches of 8 pairs pooled pixel-wise).
     """
 
     name = "megadepth_dense"
@@ -110,20 +110,12 @@ class MegadepthDenseBenchmark(PairBenchmark):
         return d1, d2, np.asarray(info["intrinsics"][i]), np.asarray(info["intrinsics"][j]), T2 @ np.linalg.inv(T1)
 
     # ------------------------------------------------------------------ protocol
-    def evaluate_pairs(self, model, indices=None, progress: bool = True) -> list[dict]:
-        if hasattr(model, "match_sparse") or not hasattr(model, "match"):
-            raise TypeError(f"{self.name}: scores a dense warp; {type(model).__name__} is not a dense matcher")
-        return super().evaluate_pairs(model, indices, progress)
-
     def evaluate_pair(self, model, pair, ctx):
         im1, im2 = self.pair_images(pair)
         d1, d2, K1, K2, T_1to2 = self._ground_truth(pair)
-        dense, _ = model.match(im1, im2, check_cycle_consistency=self.cycle_consistency)
-        dense = torch.as_tensor(dense).detach().cpu().double()
-        h, w = dense.shape[0], dense.shape[1] // (2 if getattr(model, "symmetric", False) else 1)
-        dense = dense[:, :w].reshape(1, h * w, 4)  # a symmetric DKMv3 output: its query -> support half
-        if not torch.isfinite(dense).all():
-            raise ValueError("the matcher returned a warp with NaN/inf coordinates")
+        dense = self.dense_warp(model, im1, im2)
+        h, w = dense.shape[:2]
+        dense = dense.reshape(1, h * w, 4)
         K1 = scale_intrinsics(K1, w / im1.width, h / im1.height).double()
         K2 = scale_intrinsics(K2, w / im2.width, h / im2.height).double()
         valid, gt = warp_kpts(dense[..., :2], resize_depth(d1, h, w, self.depth_interpolation)[None].double(),
@@ -131,21 +123,4 @@ class MegadepthDenseBenchmark(PairBenchmark):
                               torch.from_numpy(T_1to2)[None], K1[None], K2[None])
         # pixel distances on the h x w output grid (the centre offset cancels in a difference)
         err = (normalized_to_pixel(dense[0, :, 2:], h, w) - normalized_to_pixel(gt[0], h, w)).norm(dim=-1)[valid[0]]
-        n = int(err.numel())
-        rec = {"num_gt": n, "epe": float(err.mean()) if n else float("nan")}
-        rec |= {f"pck@{t:g}": float((err < t).double().mean()) if n else float("nan") for t in self.pck_thresholds}
-        return rec
-
-    def failure_record(self, pair):
-        return {"num_gt": -1, "epe": float("nan")} | {f"pck@{t:g}": 0.0 for t in self.pck_thresholds}
-
-    def compute_metrics(self, records):
-        scored = [r for r in records if r["failed"] or r["num_gt"] > 0]
-        ok = [r for r in scored if not r["failed"]]
-        out = {f"pck@{t:g}": 100 * float(np.mean([r[f"pck@{t:g}"] for r in scored])) if scored else float("nan")
-               for t in self.pck_thresholds}
-        out["epe"] = float(np.mean([r["epe"] for r in ok])) if ok else float("nan")
-        out["num_pairs"] = len(records)
-        out["num_failed"] = sum(bool(r["failed"]) for r in records)
-        out["num_without_gt"] = len(records) - len(scored)
-        return out
+        return self.error_record(err)
