@@ -488,8 +488,22 @@ def test_hydra_configs_compose_with_the_recipe_values():
     assert eight == set(IMC21_SCENES)  # the benchmark's scenes are never trained on
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         for exp in ("dkmv3_outdoor", "dkmv3_indoor"):
-            v3 = held_out(compose("train", overrides=[f"experiment={exp}"]))
+            cfg = compose("train", overrides=[f"experiment={exp}", "data.module.sources.0.data_root=/mega"])
+            v3 = held_out(cfg)
             assert v3 == set(HELD_OUT_SCENES) - set(TEST_SCENES) and set(MEGADEPTH1500_SCENES) <= v3
+            # validation as the scripts: MegadepthDenseBenchmark of 4000 pairs of the training tree after
+            # every 150k pairs, on the model they trained (no upsampling pass)
+            val = OmegaConf.to_container(cfg, resolve=True)["callbacks"]
+            chunk = {"dkmv3_outdoor": 150_000, "dkmv3_indoor": 2 * 150_000}[exp]  # the scripts' k steps (x2 indoor)
+            assert list(val) == ["megadepth_dense"] and cfg.data.module.samples_per_epoch == chunk
+            assert (val["megadepth_dense"]["data_root"], val["megadepth_dense"]["every_n_epochs"],
+                    val["megadepth_dense"]["every_n_steps"]) == ("/mega", 1, None)
+            bench = val["megadepth_dense"]["benchmark"]
+            assert (bench["num_pairs"], bench["scenes"], bench["upsample_preds"]) == (4000, ["0015", "0022"], False)
+            assert not compose("train", overrides=[f"experiment={exp}", "callbacks=[]"]).get("callbacks")
+            other = compose("train", overrides=[f"experiment={exp}", "callbacks=[hpatches]"]).callbacks
+            assert list(other) == ["hpatches"] and other.hpatches.every_n_steps == 5000
+        assert "callbacks" not in base and "callbacks" not in quick
 
 
 def test_wandb_goes_offline_by_itself(tmp_path, monkeypatch, caplog):
