@@ -428,6 +428,7 @@ class _SettingsProbe:
     ("megadepth_8_scenes", (660, 880, True, (1152, 1536)), (1152, 1536)),
     ("scannet_dkmv3", (480, 640, False, (864, 1152)), None),
     ("hpatches_dkmv3", (540, 720, False, (864, 1152)), None),
+    ("hpatches_dense_dkmv3", (660, 880, False, (864, 1152)), None),
     ("megadepth1500", (384, 512, False, (864, 1152)), None),
 ])
 def test_v3_protocols_set_resolution_and_upsampling_then_restore(tmp_path, name, expected, effective):
@@ -467,8 +468,18 @@ def test_cycle_consistency_protocol_rejects_a_dkmv3_model_before_any_pair(hpatch
 
     v3 = V3(center=0.0)
     v3.table = oracle.table
-    with pytest.raises(ValueError, match=r"benchmark=hpatches_dkmv3; from Python the values of conf/benchmark/hpatches_dkmv3.yaml"):
+    with pytest.raises(ValueError, match=r"benchmark=hpatches_dkmv3; as a training callback "
+                                         r"benchmark@callbacks.hpatches.benchmark=hpatches_dkmv3; from Python the "
+                                         r"values of conf/benchmark/hpatches_dkmv3.yaml"):
         HpatchesHomogBenchmark(root, **protocol("hpatches")).evaluate_pairs(v3, progress=False)
+    # as a validation callback: refused when training sets up, not at the first evaluation hours later
+    from types import SimpleNamespace
+
+    from dkm.lightning.callbacks import BenchmarkCallback
+
+    callback = BenchmarkCallback("hpatches", HpatchesHomogBenchmark(root, **protocol("hpatches")), every_n_steps=10)
+    with pytest.raises(ValueError, match="cycle consistency"):
+        callback.setup(None, SimpleNamespace(model=v3), "fit")
     records = HpatchesHomogBenchmark(root, **protocol("hpatches_dkmv3")).evaluate_pairs(v3, [0], progress=False)
     assert not records[0]["failed"]
 

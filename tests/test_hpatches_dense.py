@@ -20,10 +20,11 @@ from test_benchmarks import REPO, protocol
 
 class HomographyOracle:
     """``match(im_k, im_1)`` returns the ground-truth warp of image k's ``h x w`` output grid into image 1,
-    its support points moved by ``shift`` pixels of image 1 (x, y)."""
+    its support points moved by ``shift`` pixels of image 1 (x, y), or by ``shift(seq, k)``."""
 
     def __init__(self, root, h: int, w: int, shift=(0.0, 0.0), symmetric=False):
         self.h_resized, self.w_resized, self.shift, self.symmetric = h, w, shift, symmetric
+        self.seen_symmetric = []
         self.table, self.key_of, self.num_inside = {}, {}, {}
         for seq in sorted((root / "hpatches-sequences-release").iterdir()):
             im1 = Image.open(seq / "1.ppm").convert("RGB")
@@ -37,13 +38,14 @@ class HomographyOracle:
                 p = np.c_[q, np.ones(len(q))] @ np.linalg.inv(np.loadtxt(seq / f"H_1_{k}")).T
                 p = p[:, :2] / p[:, 2:]
                 self.num_inside[f"{seq.name}/1-{k}"] = int(((p > 0) & (p < [w1 - 1, h1 - 1])).all(1).sum())
-                p = p + np.asarray(shift)
+                p = p + np.asarray(shift(seq.name, k) if callable(shift) else shift)
                 warp = np.c_[2 * (q + 0.5) / [wk, hk] - 1, 2 * (p + 0.5) / [w1, h1] - 1].reshape(h, w, 4)
                 self.key_of[seq.name, k] = (image_key(imk), image_key(im1))
                 self.table[self.key_of[seq.name, k]] = torch.from_numpy(warp)
 
     def match(self, im_query, im_support, check_cycle_consistency=False):
         m = self.table[(image_key(im_query), image_key(im_support))].clone()
+        self.seen_symmetric.append(self.symmetric)
         if self.symmetric:  # DKMv3's (H, 2W, 4): the second half is the other direction (garbage here)
             m = torch.cat((m, torch.full_like(m, 0.3)), dim=1)
         return m, torch.ones(m.shape[:2])
@@ -89,17 +91,45 @@ def test_the_release_scales_hp240_errors_by_the_query_images_size(root, tmp_path
         C = np.array([[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1]])
         np.savetxt(seq / f"H_1_{k}", np.linalg.inv(C) @ S @ C @ np.loadtxt(seq / f"H_1_{k}"))
     bench = HpatchesDenseBenchmark(tmp_path, hp240=True)
-    metrics = bench.benchmark(HomographyOracle(tmp_path, 24, 32, (2.5, 0.0)))
+    oracle = HomographyOracle(tmp_path, 24, 32, (2.5, 0.0))
+    metrics = bench.benchmark(oracle)
     assert metrics["epe"] == pytest.approx(2.5 * 240 / 200)  # the x error times 240 / w_k
     assert (metrics["pck@1"], metrics["pck@5"], metrics["num_pairs"]) == (0.0, 100.0, 5)
-    plain = HpatchesDenseBenchmark(tmp_path).benchmark(HomographyOracle(tmp_path, 24, 32, (2.5, 0.0)))
+    plain = HpatchesDenseBenchmark(tmp_path).benchmark(oracle)
     assert plain["epe"] == pytest.approx(2.5) and plain["pck@3"] == 100.0
+    # the release's call form benchmark(model, ransac_thr, hp240): hp240 for that call only
+    assert HpatchesDenseBenchmark(tmp_path).benchmark(oracle, 3.0, hp240=True)["epe"] == pytest.approx(3.0)
+    assert bench.benchmark(oracle, hp240=False)["epe"] == pytest.approx(2.5) and bench.hp240 is True
 
 
-def test_symmetric_output_is_scored_on_its_query_to_support_half(root):
+def test_a_symmetric_matcher_matches_one_direction_during_the_benchmark(root):
     bench = HpatchesDenseBenchmark(root, exclude_sequences=["v_two"])
-    metrics = bench.benchmark(HomographyOracle(root, 30, 40, (0.0, 2.0), symmetric=True))
+    oracle = HomographyOracle(root, 30, 40, (0.0, 2.0), symmetric=True)
+    metrics = bench.benchmark(oracle)
     assert (metrics["pck@1"], metrics["pck@3"], metrics["num_pairs"]) == (0.0, 100.0, 5)
+    assert oracle.seen_symmetric == [False] * 5 and oracle.symmetric is True
+
+
+def test_metrics_are_means_over_pairs_and_per_image_index(root):
+    """Pair (seq, k) shifted by k - 1.5 px (v_one: 0.5 ... 4.5) or 1.5 k - 1.25 px (v_two: 1.75 ... 7.75):
+    the EPE of index k is the mean of its two pairs, the EPE the mean over the ten pairs, 3.625, whatever
+    their numbers of points (pooling the points would weigh the pairs by them); PCK@t is the share of
+    pairs below t px (no shift lies on a threshold)."""
+    bench = HpatchesDenseBenchmark(root)
+    shift = {"v_one": lambda k: k - 1.5, "v_two": lambda k: 1.5 * k - 1.25}
+    metrics = bench.benchmark(HomographyOracle(root, 24, 32, lambda seq, k: (shift[seq](k) if seq in shift else 0.0, 0.0)))
+    assert [metrics[f"epe_1-{k}"] for k in range(2, 7)] == pytest.approx([1.125, 2.375, 3.625, 4.875, 6.125])
+    assert metrics["epe"] == pytest.approx(3.625)
+    counts = [r["num_gt"] for r in bench.last_records]
+    assert len(set(counts)) > 1  # pairs of different weights: a pooled mean would differ
+    assert (metrics["pck@1"], metrics["pck@3"], metrics["pck@5"]) == pytest.approx((10.0, 40.0, 80.0))
+
+
+def test_error_record_counts_errors_strictly_below_each_threshold(root):
+    rec = HpatchesDenseBenchmark(root).error_record(torch.tensor([0.5, 1.0, 2.9, 3.0, 7.0], dtype=torch.float64))
+    assert rec == {"num_gt": 5, "epe": pytest.approx(14.4 / 5), "pck@1": 0.2, "pck@3": 0.6, "pck@5": 0.8}
+    empty = HpatchesDenseBenchmark(root).error_record(torch.zeros(0, dtype=torch.float64))
+    assert empty["num_gt"] == 0 and np.isnan(empty["epe"]) and np.isnan(empty["pck@1"])
 
 
 def test_the_support_frame_is_image_1_and_the_wrong_direction_fails(root):

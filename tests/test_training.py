@@ -501,8 +501,12 @@ def test_hydra_configs_compose_with_the_recipe_values():
             bench = val["megadepth_dense"]["benchmark"]
             assert (bench["num_pairs"], bench["scenes"], bench["upsample_preds"]) == (4000, ["0015", "0022"], False)
             assert not compose("train", overrides=[f"experiment={exp}", "callbacks=[]"]).get("callbacks")
-            other = compose("train", overrides=[f"experiment={exp}", "callbacks=[hpatches]"]).callbacks
-            assert list(other) == ["hpatches"] and other.hpatches.every_n_steps == 5000
+            other = compose("train", overrides=[f"experiment={exp}", "callbacks=[hpatches_dense]"]).callbacks
+            assert list(other) == ["hpatches_dense"] and other.hpatches_dense.every_n_steps == 5000
+            # the v11 HPatches protocol (cycle consistency) in its DKMv3 version
+            v3_homog = compose("train", overrides=[f"experiment={exp}", "callbacks=[hpatches]",
+                                                   "benchmark@callbacks.hpatches.benchmark=hpatches_dkmv3"])
+            assert v3_homog.callbacks.hpatches.benchmark.cycle_consistency is False
         assert "callbacks" not in base and "callbacks" not in quick
 
 

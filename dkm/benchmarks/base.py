@@ -168,7 +168,7 @@ class PairBenchmark(ABC):
             raise ValueError(f"{self.name}: {key} must be [h, w] (positive), got {size}")
         return size
 
-    def _model_settings(self) -> dict:
+    def model_settings(self) -> dict:
         """Model attributes this benchmark sets while it runs (only those it specifies)."""
         out = {}
         if self.resolution is not None:
@@ -194,9 +194,9 @@ class PairBenchmark(ABC):
         return tuple(int(v) for v in res) if on and res is not None else None
 
     @contextmanager
-    def _at_resolution(self, model):
-        """Apply :meth:`_model_settings` to the attributes ``model`` has; restore them afterwards."""
-        settings = {k: v for k, v in self._model_settings().items() if hasattr(model, k)}
+    def model_settings_applied(self, model):
+        """Apply :meth:`model_settings` to the attributes ``model`` has; restore them afterwards."""
+        settings = {k: v for k, v in self.model_settings().items() if hasattr(model, k)}
         old = {k: getattr(model, k) for k in settings}
         for k, v in settings.items():
             setattr(model, k, v)
@@ -206,6 +206,17 @@ class PairBenchmark(ABC):
             for k, v in old.items():
                 setattr(model, k, v)
 
+    def check_model(self, model) -> None:
+        """Raise if this protocol cannot evaluate ``model`` at all (else every pair would fail and be
+        scored as a failure); called by :meth:`evaluate_pairs` and, before training starts, by the
+        validation callbacks."""
+        if self.cycle_consistency and getattr(model, "version", None) == "v3":
+            raise ValueError(f"{self.name}: this protocol matches with cycle consistency (the DKM v11 option), "
+                             "which DKMv3 models do not have (they match both directions); use the DKMv3 "
+                             f"protocol (evaluate.py benchmark={self.name}_dkmv3; as a training callback "
+                             f"benchmark@callbacks.{self.name}.benchmark={self.name}_dkmv3; from Python the values "
+                             f"of conf/benchmark/{self.name}_dkmv3.yaml as keywords), or cycle_consistency=false")
+
     def evaluate_pairs(self, model, indices=None, progress: bool = True) -> list[dict]:
         """Records for the given pair indices (default: all), each seeded by its index, so any
         subset, order or split over processes gives the same record for a pair."""
@@ -213,13 +224,8 @@ class PairBenchmark(ABC):
         bad = [i for i in indices if not 0 <= i < len(self._pairs)]
         if bad:
             raise IndexError(f"{self.name}: pair indices {bad[:10]} out of range [0, {len(self._pairs)})")
-        if self.cycle_consistency and getattr(model, "version", None) == "v3":
-            # (else every pair would fail in match() and be scored as a failure)
-            raise ValueError(f"{self.name}: this protocol matches with cycle consistency (the DKM v11 option), "
-                             "which DKMv3 models do not have (they match both directions); use the DKMv3 "
-                             f"protocol (evaluate.py benchmark={self.name}_dkmv3; from Python the values of "
-                             f"conf/benchmark/{self.name}_dkmv3.yaml as keywords), or cycle_consistency=false")
-        with self._at_resolution(model):
+        self.check_model(model)
+        with self.model_settings_applied(model):
             return self._evaluate(model, indices, progress)
 
     def _seeded_context(self, i: int) -> dict:

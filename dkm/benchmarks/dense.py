@@ -19,21 +19,24 @@ class DenseWarpScoring:
 
     pck_thresholds: list[float]
 
-    def evaluate_pairs(self, model, indices=None, progress: bool = True) -> list[dict]:
+    def check_model(self, model) -> None:
         if hasattr(model, "match_sparse") or not hasattr(model, "match"):
             raise TypeError(f"{self.name}: scores a dense warp; {type(model).__name__} is not a dense matcher")
-        return super().evaluate_pairs(model, indices, progress)
+        super().check_model(model)
+
+    def model_settings(self) -> dict:
+        # one direction: of a symmetric DKMv3 match only its query -> support half would be scored, which
+        # is the one-directional match (the release's scripts set model.symmetric = False); half the work
+        return super().model_settings() | {"symmetric": False}
 
     def dense_warp(self, model, im_query, im_support) -> torch.Tensor:
-        """``model.match(im_query, im_support)`` as a float64 CPU tensor ``(h, w, 4)`` =
-        ``[x_q, y_q, x_s, y_s]`` (normalized) on the matcher's output grid: of a symmetric DKMv3
-        output ``(h, 2w, 4)``, its query -> support half."""
+        """``model.match(im_query, im_support)`` (one direction: ``symmetric`` is off while a dense
+        benchmark runs) as a float64 CPU tensor ``(h, w, 4)`` = ``[x_q, y_q, x_s, y_s]`` (normalized)
+        on the matcher's output grid."""
         dense, _ = model.match(im_query, im_support, check_cycle_consistency=self.cycle_consistency)
         dense = torch.as_tensor(dense).detach().cpu().double()
         if dense.dim() != 3 or dense.shape[-1] != 4:
             raise ValueError(f"the matcher returned a warp of shape {tuple(dense.shape)}; expected (h, w, 4)")
-        w = dense.shape[1] // (2 if getattr(model, "symmetric", False) else 1)
-        dense = dense[:, :w]
         if not torch.isfinite(dense).all():
             raise ValueError("the matcher returned a warp with NaN/inf coordinates")
         return dense

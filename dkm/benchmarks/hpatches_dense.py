@@ -61,6 +61,18 @@ class HpatchesDenseBenchmark(DenseWarpScoring, HpatchesSequences):
     def failure_record(self, pair):
         return super().failure_record(pair) | {"k": pair[1]}
 
+    def benchmark(self, model, ransac_thr: float | None = None, hp240: bool | None = None) -> dict:
+        """All pairs -> metrics, with the release's signature ``benchmark(model, ransac_thr=3.,
+        hp240=False)``: ``hp240`` overrides the constructor's for this call; ``ransac_thr`` is accepted
+        and unused (no estimator runs here, nor did the release use it)."""
+        if hp240 is None:
+            return self.run(model)[0]
+        kept, self.hp240 = self.hp240, bool(hp240)
+        try:
+            return self.run(model)[0]
+        finally:
+            self.hp240 = kept
+
     def compute_metrics(self, records):
         out = super().compute_metrics(records)
         for k in range(2, 7):

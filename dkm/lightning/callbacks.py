@@ -46,6 +46,7 @@ class BenchmarkCallback(pl.Callback):
         self._last_step: int | None = None  # (with gradient accumulation a step spans several batches)
 
     def setup(self, trainer, pl_module, stage):
+        self.benchmark.check_model(pl_module.model)  # before training, not at the first evaluation
         object_group(self.timeout_s)  # collective: create the gathering group on every rank up front
 
     def on_train_start(self, trainer, pl_module):
@@ -111,7 +112,8 @@ class BenchmarkCallback(pl.Callback):
         for i in self.indices[: self.num_log_pairs]:
             try:
                 im1, im2 = self.benchmark.pair_images(self.benchmark.pairs()[i])
-                warp, cert = model.match(im1, im2)
+                with self.benchmark.model_settings_applied(model):  # the benchmark's resolution, upsampling, ...
+                    warp, cert = model.match(im1, im2)
                 warp, cert = warp.cpu(), cert.cpu()  # (the images below are made on the CPU)
                 if getattr(model, "symmetric", False):  # DKMv3: columns :W hold A -> B, columns W: hold B -> A
                     warp, cert = warp[:, : warp.shape[1] // 2], cert[:, : cert.shape[1] // 2]
