@@ -818,3 +818,35 @@ def test_an_epoch_without_one_full_batch_is_refused():
         data.train_dataloader()
     data.trainer = SimpleNamespace(global_rank=0, world_size=1)
     assert len(list(data.train_dataloader())) == 1  # 6 pairs on one device: one batch of 4
+
+
+def test_the_dkmv3_recipe_validates_with_the_dense_benchmark_at_the_end_of_each_epoch(tmp_path):
+    """experiment=dkmv3_outdoor on a generated MegaDepth tree (a training scene and the held-out 0015 and
+    0022): after the epoch (4 pairs, 2 steps) the dense MegaDepth benchmark scores 0015/0022's pairs of
+    the training tree, writes its outputs, and leaves the model as it found it (symmetric, upsampling
+    and train mode back)."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from dkm.lightning.train import train
+
+    for scene, n, seed in (("0001", 3, 1), ("0015", 2, 3), ("0022", 1, 4)):
+        make_megadepth_scene(tmp_path / "mega", scene=scene, n_pairs=n, hw=(96, 128), seed=seed)
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=dkmv3_outdoor", f"data.module.sources.0.data_root={tmp_path / 'mega'}", "logger=none",
+            "model.h=64", "model.w=96", "model.backbone_weights=null", "trainer.accelerator=cpu",
+            "trainer.max_steps=2", "data.module.batch_size=2", "data.module.samples_per_epoch=4",
+            "data.module.num_workers=0", "data.module.persistent_workers=false", "data.module.pin_memory=false",
+            "log_images_every_n_steps=0", "trainer.enable_progress_bar=false"])
+    res = train(cfg, tmp_path / "run")
+    (callback,) = [c for c in res["trainer"].callbacks if hasattr(c, "benchmark")]
+    assert callback.name == "megadepth_dense" and callback.benchmark.upsample_preds is False
+    assert [r["pair_id"] for r in callback.last_records] == ["0015/0_0-0_1", "0015/1_0-1_1", "0022/0_0-0_1"]
+    assert callback.last_metrics["num_failed"] == 0 and callback.last_metrics["num_pairs"] == 3
+    out = tmp_path / "run" / "benchmarks" / "megadepth_dense" / "step00000002"
+    assert (out / "metrics.json").is_file() and (out / "pairs.csv").is_file()
+    model = res["module"].model
+    assert (model.symmetric, model.upsample_preds, model.training) == (True, True, True)
