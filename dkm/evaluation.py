@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from .benchmarks import BENCHMARKS, dedup_records
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
+from .utils.distributed import gather_records, launched_group, launched_ranks
 from .utils.distributed import shard as shard_indices
 from .utils.files import atomic_write_text
 
@@ -45,10 +46,15 @@ def build_benchmark(cfg: Mapping, data_root=None, seed: int = 0, limit=None, che
     return BENCHMARKS[name](root, seed=seed, limit=limit, check=check, index=index, **cfg)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    """``auto``: CUDA if available, else CPU. Under a launcher (``local_rank`` given) a CUDA device
+    without an index is this process's GPU, ``cuda:<local_rank>``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if local_rank is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def write_records_csv(records: list[dict], path) -> None:
@@ -170,7 +176,20 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
     ``metrics.json`` (metrics, resolved protocol, checkpoint sha256), ``pairs.csv`` (one row per
     pair), ``records.json`` (the same records, loss-free, for ``merge=``) and print a summary table.
     With ``merge=[run dirs]`` no model runs and no dataset is read: the records of those runs (e.g.
-    shards) are merged and reduced by the protocol (their model and checkpoint are recorded)."""
+    shards) are merged and reduced by the protocol (their model and checkpoint are recorded).
+
+    Started by ``torchrun --nproc-per-node=N``, the N processes split the pairs (``pairs[rank::N]``,
+    each on its own GPU), gather their records (over gloo) and rank 0 writes the outputs: the same
+    records and metrics as one process."""
+    rank, world, _ = launched_ranks()
+    if world > 1 and cfg.get("merge"):
+        raise ValueError("merge= runs no model: run it as one process (python evaluate.py merge=...), not under torchrun")
+    with launched_group(float(cfg.get("gather_timeout_s", 24 * 3600))):
+        return _evaluate_benchmark(cfg, out_dir)
+
+
+def _evaluate_benchmark(cfg, out_dir) -> dict:
+    rank, world, local_rank = launched_ranks()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -227,8 +246,12 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             ckpt_hash = sha256_file(model_cfg["weights"])
         elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
             log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
+        if world > 1 and rank > 0:  # rank 0 first: a download (pretrained=true) lands in the cache once
+            torch.distributed.barrier()
         model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
-        device = resolve_device(cfg.device)
+        if world > 1 and rank == 0:
+            torch.distributed.barrier()
+        device = resolve_device(cfg.device, local_rank if world > 1 else None)
         model = model.to(device).eval()
         if hasattr(model, "inference_dtype"):
             model.inference_dtype = DTYPES[cfg.dtype]
@@ -239,8 +262,14 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
             log.warning(note)
         log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
                  model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
-        records = bench.evaluate_pairs(model, indices, progress=cfg.progress)
+        mine = shard_indices(indices, rank, world)
+        if world > 1:
+            log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices))
+        records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0)
+        records = gather_records(records)  # every rank's records, each pair once, by pair index
         metrics = bench.compute_metrics(records)
+        if rank > 0:  # rank 0 writes the outputs
+            return metrics
     result = {
         "benchmark": bench.name,
         "metrics": metrics,
@@ -252,6 +281,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
         "checkpoint_sha256": ckpt_hash,
         "seed": cfg.seed,
         "device": None if device is None else str(device),
+        "num_ranks": world,
         "dtype": cfg.dtype,
         "precision_scope": cfg.get("precision_scope", "refiners"),
         "limit": cfg.limit,

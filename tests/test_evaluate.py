@@ -221,3 +221,35 @@ def test_result_files_are_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, fails)
     assert path.read_text() == '{"auc": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_torchrun_splits_the_pairs_and_writes_what_one_process_writes(tiny_hpatches, tmp_path):
+    """``torchrun --nproc-per-node=2 evaluate.py ...`` (CPU, gloo): the two processes evaluate pairs 0, 2, 4
+    and 1, 3 of the five, rank 0 writes the records and metrics of a one-process run (seeded per pair)."""
+    import subprocess
+    import sys
+
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=1500", f"data_root={tiny_hpatches}",
+              "progress=false", "device=cpu"]
+    single = evaluate_benchmark(cfg_for(*common), tmp_path / "one")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "evaluate.py"), *common, f"hydra.run.dir={tmp_path / 'two'}"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "rank 0 of 2: 3 of the 5 pairs" in out and "rank 1 of 2: 2 of the 5 pairs" in out
+
+    def records(d):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((d / "records.json").read_text())]
+
+    assert records(tmp_path / "two") == records(tmp_path / "one") and len(records(tmp_path / "two")) == 5
+    result = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert result["metrics"] == single and result["num_ranks"] == 2
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["num_ranks"] == 1
+
+
+def test_merge_under_a_launcher_is_refused(tiny_hpatches, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="merge= runs no model: run it as one process"):
+        evaluate_benchmark(cfg_for("benchmark=hpatches", "model=sift", f"merge=[{tmp_path}]"), tmp_path / "m")

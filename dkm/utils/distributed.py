@@ -7,7 +7,9 @@ pair counts exactly once whatever the number of ranks.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch.distributed as dist
 
@@ -24,6 +26,30 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of range for world size {world_size}")
     return list(indices)[rank::world_size]
+
+
+def launched_ranks() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` that a launcher (``torchrun``) put in the environment
+    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); ``(0, 1, 0)`` for a plain process."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+@contextmanager
+def launched_group(timeout_s: float):
+    """The default process group (gloo: only Python objects are exchanged) of the processes a
+    launcher started, set up from its environment and torn down on exit; nothing for a plain
+    process or when a group exists already. ``timeout_s`` bounds every collective, e.g. the wait of
+    the first rank done for the slowest."""
+    rank, world, _ = launched_ranks()
+    if world == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", timeout=_dt.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 _GROUPS: dict[float, object] = {}
