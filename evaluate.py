@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from dkm.evaluation import evaluate_benchmark
 from dkm.utils.device import keep_freed_memory
+from dkm.utils.distributed import launched_ranks, tag_log_records
 
 log = logging.getLogger("evaluate")
 
@@ -25,6 +26,8 @@ log = logging.getLogger("evaluate")
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
     out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    if launched_ranks()[0] > 0:
+        tag_log_records(launched_ranks()[0])
     if cfg.keep_freed_memory:
         log.info("glibc keeps freed memory (no page faults per match): %s", keep_freed_memory())
     metrics = evaluate_benchmark(cfg, out_dir)

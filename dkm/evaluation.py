@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from .benchmarks import BENCHMARKS, dedup_records
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
-from .utils.distributed import gather_records, launched_group, launched_ranks
+from .utils.distributed import all_ranks, gather_records, launched_group, launched_ranks, object_group, slurm_step_tasks
 from .utils.distributed import shard as shard_indices
 from .utils.files import atomic_write_text
 
@@ -47,13 +47,21 @@ def build_benchmark(cfg: Mapping, data_root=None, seed: int = 0, limit=None, che
 
 
 def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
-    """``auto``: CUDA if available, else CPU. Under a launcher (``local_rank`` given) a CUDA device
-    without an index is this process's GPU, ``cuda:<local_rank>``."""
+    """``auto``: CUDA if available, else CPU. Under torchrun (``local_rank`` given) CUDA means this
+    process's GPU, ``cuda:<local_rank>``, made the current device; an explicit index is refused (every
+    process would use that GPU), and so is a local rank without a GPU of its own."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if local_rank is not None and device.type == "cuda" and device.index is None:
+    if local_rank is not None and device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"device={device} under torchrun: every process would use that GPU; give device=cuda "
+                             "(process k of a node takes cuda:k) and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"local rank {local_rank} but {torch.cuda.device_count()} visible GPUs: start at most "
+                             "that many processes per node (torchrun --nproc-per-node)")
         device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     return device
 
 
@@ -103,6 +111,7 @@ def select_indices(n: int, subset=None, shard=None) -> list[int]:
             idx = shard_indices(idx, k, m)
         except ValueError as e:
             raise ValueError(f"shard={shard!r}: expected 'k/m' with 0 <= k < m ({e})") from None
+    idx = list(dict.fromkeys(idx))  # a pair named twice is evaluated once
     if not idx:  # (else the run would build the model, evaluate nothing and fail in the metrics)
         sel = ", ".join(f"{k}={v!r}" for k, v in (("subset", subset), ("shard", shard)) if v is not None)
         raise ValueError(f"{sel} selects none of the {n} pairs" + (" (more shards than pairs)" if shard else ""))
@@ -184,12 +193,21 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
     rank, world, _ = launched_ranks()
     if world > 1 and cfg.get("merge"):
         raise ValueError("merge= runs no model: run it as one process (python evaluate.py merge=...), not under torchrun")
-    with launched_group(float(cfg.get("gather_timeout_s", 24 * 3600))):
-        return _evaluate_benchmark(cfg, out_dir)
+    if world == 1 and slurm_step_tasks() > 1 and cfg.get("shard") is None and not cfg.get("merge"):
+        raise ValueError(f"this srun step has {slurm_step_tasks()} tasks, each of which would evaluate every pair "
+                         "into the same run directory: start one task per node running torchrun (see README, "
+                         "Evaluating), or give each task its share, shard=$SLURM_PROCID/$SLURM_NTASKS with its "
+                         "own hydra.run.dir, and merge= the shards")
+    launched_group()  # torchrun: the processes' group (created once per process)
+    metrics = _evaluate_benchmark(cfg, out_dir, rank, world)
+    if world > 1:  # all leave together (rank 0 has written): a multirun's next job starts on all ranks at once
+        torch.distributed.barrier(group=object_group(float(cfg.get("gather_timeout_s", 24 * 3600))))
+    return metrics
 
 
-def _evaluate_benchmark(cfg, out_dir) -> dict:
-    rank, world, local_rank = launched_ranks()
+def _evaluate_benchmark(cfg, out_dir, rank: int, world: int) -> dict:
+    local_rank = launched_ranks()[2]
+    gather_group = object_group(float(cfg.get("gather_timeout_s", 24 * 3600))) if world > 1 else None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
@@ -201,6 +219,7 @@ def _evaluate_benchmark(cfg, out_dir) -> dict:
                             index=not merging)  # a missing or incomplete dataset fails here, early
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ckpt, ckpt_hash, device, resolution, upsample_res = cfg.ckpt, None, None, None, None
+    devices: list[str] | None = None  # every rank's device
     notes: list[str] = []  # how the dataset differs from the published benchmark (e.g. missing sequences)
     if merging:
         meta = load_run_metadata(cfg.merge)
@@ -232,6 +251,16 @@ def _evaluate_benchmark(cfg, out_dir) -> dict:
     else:
         num_listed = bench.num_listed
         indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
+        if world > 1:  # every rank must mean the same pairs by the same indices (node-local copies may differ)
+            listed = hashlib.sha1("\n".join(bench.pair_id(p) for p in bench.pairs()).encode()).hexdigest()
+            seen = all_ranks((num_listed, len(bench), listed, str(out_dir)), gather_group)
+            if len({s[:3] for s in seen}) > 1:
+                raise ValueError("the ranks list different pairs (" + "; ".join(
+                    f"rank {r}: {n} listed, {k} kept, ids {h[:8]}" for r, (n, k, h, _) in enumerate(seen))
+                    + "): give every rank the same dataset tree")
+            if rank == 0 and len({s[3] for s in seen}) > 1:
+                log.warning("the ranks' Hydra run directories differ (%s): rank 0 writes the outputs into %s; give "
+                            "hydra.run.dir so that all share one", sorted({s[3] for s in seen}), out_dir)
         if cfg.dtype not in DTYPES:
             raise ValueError(f"dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
         if cfg.get("precision_scope", "refiners") not in PRECISION_SCOPES:
@@ -246,10 +275,10 @@ def _evaluate_benchmark(cfg, out_dir) -> dict:
             ckpt_hash = sha256_file(model_cfg["weights"])
         elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
             log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
-        if world > 1 and rank > 0:  # rank 0 first: a download (pretrained=true) lands in the cache once
+        if world > 1 and local_rank > 0:  # each node's first process first: a download lands in its cache once
             torch.distributed.barrier()
         model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
-        if world > 1 and rank == 0:
+        if world > 1 and local_rank == 0:
             torch.distributed.barrier()
         device = resolve_device(cfg.device, local_rank if world > 1 else None)
         model = model.to(device).eval()
@@ -258,7 +287,7 @@ def _evaluate_benchmark(cfg, out_dir) -> dict:
             model.inference_precision_scope = cfg.get("precision_scope", "refiners")
         resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
         notes = bench.completeness_warnings()
-        for note in notes:
+        for note in notes if rank == 0 else ():
             log.warning(note)
         log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
                  model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
@@ -266,8 +295,9 @@ def _evaluate_benchmark(cfg, out_dir) -> dict:
         if world > 1:
             log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices))
         records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0)
-        records = gather_records(records)  # every rank's records, each pair once, by pair index
+        records = gather_records(records, group=gather_group)  # every rank's records, each pair once, by index
         metrics = bench.compute_metrics(records)
+        devices = [str(d) for d in all_ranks(device, gather_group)]
         if rank > 0:  # rank 0 writes the outputs
             return metrics
     result = {
@@ -282,6 +312,7 @@ def _evaluate_benchmark(cfg, out_dir) -> dict:
         "seed": cfg.seed,
         "device": None if device is None else str(device),
         "num_ranks": world,
+        "devices": devices,
         "dtype": cfg.dtype,
         "precision_scope": cfg.get("precision_scope", "refiners"),
         "limit": cfg.limit,

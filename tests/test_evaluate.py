@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from dkm.evaluation import evaluate_benchmark, select_indices
@@ -244,12 +245,64 @@ def test_torchrun_splits_the_pairs_and_writes_what_one_process_writes(tiny_hpatc
 
     assert records(tmp_path / "two") == records(tmp_path / "one") and len(records(tmp_path / "two")) == 5
     result = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert result["metrics"] == single and result["num_ranks"] == 2
+    assert result["metrics"] == single and result["num_ranks"] == 2 and result["devices"] == ["cpu", "cpu"]
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["num_ranks"] == 1
+    assert "[rank 1] rank 1 of 2" in out and "[rank 0]" not in out
+    # a Hydra multirun: its jobs run one after the other in the same processes (one process group)
+    cmd = [*cmd[:6], "-m", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for job in ("0", "1"):
+        assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["metrics"]["num_pairs"] == 5
 
 
-def test_merge_under_a_launcher_is_refused(tiny_hpatches, tmp_path, monkeypatch):
+def test_ranks_with_different_dataset_trees_are_refused(tiny_hpatches, tmp_path):
+    """Under torchrun every rank must list the same pairs (node-local copies of a dataset can differ):
+    rank 1 sees one sequence more than rank 0, and both stop before any pair is matched."""
+    import shutil
+    import subprocess
+    import sys
+
+    other = shutil.copytree(tiny_hpatches, tmp_path / "other")
+    shutil.copytree(other / "hpatches-sequences-release" / "v_a", other / "hpatches-sequences-release" / "v_b")
+    script = tmp_path / "run.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+from test_evaluate import cfg_for
+from dkm.evaluation import evaluate_benchmark
+root = {str(tiny_hpatches)!r} if os.environ["RANK"] == "0" else {str(other)!r}
+evaluate_benchmark(cfg_for("benchmark=hpatches", "model=sift", "data_root=" + root, "progress=false"), {str(tmp_path / "out")!r})
+""")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0
+    assert "the ranks list different pairs (rank 0: 5 listed, 5 kept" in res.stderr and "rank 1: 10 listed" in res.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_launcher_detection_and_refusals(tiny_hpatches, tmp_path, monkeypatch):
+    """Only torchrun's processes (TORCHELASTIC_RUN_ID) count as launched: a WORLD_SIZE left over from another job
+    runs one process; merge= under torchrun, an srun step of several tasks without shard=, a GPU index under
+    torchrun are refused."""
+    from dkm.evaluation import resolve_device
+
+    common = ["benchmark=hpatches", "model=sift", f"data_root={tiny_hpatches}", "progress=false", "limit=1"]
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("RANK", "1")
+    evaluate_benchmark(cfg_for(*common), tmp_path / "stray")
+    assert json.loads((tmp_path / "stray" / "metrics.json").read_text())["num_ranks"] == 1
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     with pytest.raises(ValueError, match="merge= runs no model: run it as one process"):
         evaluate_benchmark(cfg_for("benchmark=hpatches", "model=sift", f"merge=[{tmp_path}]"), tmp_path / "m")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(ValueError, match=r"this srun step has 4 tasks.*shard=\$SLURM_PROCID/\$SLURM_NTASKS"):
+        evaluate_benchmark(cfg_for(*common), tmp_path / "srun")
+    evaluate_benchmark(cfg_for(*common, "shard=0/4"), tmp_path / "srun_shard")  # each task its share: fine
+    with pytest.raises(ValueError, match="device=cuda:1 under torchrun: every process would use that GPU"):
+        resolve_device("cuda:1", local_rank=0)
+    if torch.cuda.device_count() < 8:
+        with pytest.raises(ValueError, match="local rank 7 but .* visible GPUs"):
+            resolve_device("cuda", local_rank=7)
+    assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
+    assert select_indices(10, [4, 1, 1, 3]) == [4, 1, 3]  # a pair named twice is evaluated once

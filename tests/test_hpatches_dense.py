@@ -191,3 +191,21 @@ def test_real_sequences_oracle_and_shift(realdata_dir):
     assert min(r["num_gt"] for r in bench.last_records) > 10000
     shifted = bench.benchmark(HomographyOracle(root, 384, 512, (1.5, 0.0)))
     assert (shifted["pck@1"], shifted["pck@3"]) == (0.0, 100.0) and shifted["epe"] == pytest.approx(1.5)
+
+
+def test_validation_pictures_of_a_symmetric_matcher_show_the_whole_grid(root, monkeypatch):
+    """The callback's warp pictures come from a match under the benchmark's settings (symmetric off):
+    a symmetric matcher's picture is the one of the same matcher built one-directional."""
+    from types import SimpleNamespace
+
+    import dkm.lightning.callbacks as callbacks
+
+    logged = []
+    monkeypatch.setattr(callbacks, "log_warp_image", lambda logger, key, img, step, caption: logged.append(img))
+    bench = HpatchesDenseBenchmark(root, exclude_sequences=["v_two"])
+    callback = callbacks.BenchmarkCallback("hpatches_dense", bench, every_n_steps=1, num_log_pairs=1)
+    trainer = SimpleNamespace(logger=object(), global_step=0)
+    for symmetric in (True, False):
+        callback._log_pairs(trainer, HomographyOracle(root, 30, 40, symmetric=symmetric))
+    assert len(logged) == 2 and logged[0].shape == logged[1].shape and logged[0].shape[:2] == (30, 4 * 40)
+    assert (logged[0] == logged[1]).all()

@@ -114,8 +114,9 @@ class BenchmarkCallback(pl.Callback):
                 im1, im2 = self.benchmark.pair_images(self.benchmark.pairs()[i])
                 with self.benchmark.model_settings_applied(model):  # the benchmark's resolution, upsampling, ...
                     warp, cert = model.match(im1, im2)
+                    symmetric = getattr(model, "symmetric", False)  # (dense benchmarks turn it off)
                 warp, cert = warp.cpu(), cert.cpu()  # (the images below are made on the CPU)
-                if getattr(model, "symmetric", False):  # DKMv3: columns :W hold A -> B, columns W: hold B -> A
+                if symmetric:  # DKMv3: columns :W hold A -> B, columns W: hold B -> A
                     warp, cert = warp[:, : warp.shape[1] // 2], cert[:, : cert.shape[1] // 2]
                 h, w = warp.shape[:2]
                 img = warp_panel(pil_to_tensor(im1.convert("RGB"), (h, w)), pil_to_tensor(im2.convert("RGB"), (h, w)),

@@ -7,9 +7,9 @@ pair counts exactly once whatever the number of ranks.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch.distributed as dist
 
@@ -29,27 +29,55 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
 
 
 def launched_ranks() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` that a launcher (``torchrun``) put in the environment
-    (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); ``(0, 1, 0)`` for a plain process."""
+    """``(rank, world_size, local_rank)`` of a process ``torchrun`` started (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, recognised by its ``TORCHELASTIC_RUN_ID``: a ``WORLD_SIZE`` left in the environment
+    by something else, e.g. a DDP training job's, does not count); ``(0, 1, 0)`` otherwise."""
     env = os.environ
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return 0, 1, 0
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-@contextmanager
-def launched_group(timeout_s: float):
-    """The default process group (gloo: only Python objects are exchanged) of the processes a
-    launcher started, set up from its environment and torn down on exit; nothing for a plain
-    process or when a group exists already. ``timeout_s`` bounds every collective, e.g. the wait of
-    the first rank done for the slowest."""
-    rank, world, _ = launched_ranks()
-    if world == 1 or dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", timeout=_dt.timedelta(seconds=timeout_s))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+def slurm_step_tasks() -> int:
+    """How many tasks the SLURM job step this process belongs to has (``srun --ntasks``); 1 outside one."""
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS", 1))
+
+
+def launched_group(setup_timeout_s: float = 1800.0):
+    """The default process group (gloo: only Python objects are exchanged) of the processes
+    ``torchrun`` started, created from its environment on the first call and kept for the life of
+    the process (a Hydra multirun evaluates its jobs in one process); ``None`` for a plain process.
+    ``setup_timeout_s`` bounds its creation and barriers; long waits go through :func:`object_group`."""
+    _, world, _ = launched_ranks()
+    if world == 1:
+        return None
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=_dt.timedelta(seconds=setup_timeout_s))
+    return dist.group.WORLD
+
+
+def tag_log_records(rank: int) -> None:
+    """Prefix ``[rank <rank>]`` to every message the root logger's handlers emit (the processes of a
+    torchrun job share one console and, with one run directory, one log file)."""
+
+    class _RankTag(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not getattr(record, "rank_tagged", False):  # (one record passes every handler)
+                record.msg, record.rank_tagged = f"[rank {rank}] {record.msg}", True
+            return True
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RankTag())
+
+
+def all_ranks(obj, group=None) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` when not distributed)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 _GROUPS: dict[float, object] = {}
