@@ -220,6 +220,7 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int) -> dict:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ckpt, ckpt_hash, device, resolution, upsample_res = cfg.ckpt, None, None, None, None
     devices: list[str] | None = None  # every rank's device
+    applied: dict | None = None  # the model attributes the benchmark set while it ran
     notes: list[str] = []  # how the dataset differs from the published benchmark (e.g. missing sequences)
     if merging:
         meta = load_run_metadata(cfg.merge)
@@ -286,6 +287,7 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int) -> dict:
             model.inference_dtype = DTYPES[cfg.dtype]
             model.inference_precision_scope = cfg.get("precision_scope", "refiners")
         resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
+        applied = {k: v for k, v in bench.model_settings().items() if hasattr(model, k)}
         notes = bench.completeness_warnings()
         for note in notes if rank == 0 else ():
             log.warning(note)
@@ -313,6 +315,7 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int) -> dict:
         "device": None if device is None else str(device),
         "num_ranks": world,
         "devices": devices,
+        "model_settings": applied,
         "dtype": cfg.dtype,
         "precision_scope": cfg.get("precision_scope", "refiners"),
         "limit": cfg.limit,

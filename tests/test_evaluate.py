@@ -173,6 +173,8 @@ def test_dkmv3_outdoor_on_megadepth_8_scenes_runs_the_upsampling_pass(tmp_path):
     assert res["benchmark"] == "megadepth_8_scenes" and metrics["num_pairs"] == 1
     assert res["protocol"]["effective_resolution"] == [32, 48]
     assert res["protocol"]["effective_upsample_res"] == [64, 96]
+    assert res["model_settings"] == {"h_resized": 32, "w_resized": 48, "upsample_preds": True,
+                                     "upsample_res": [64, 96]}  # what the benchmark set on the model
     row = next(csv.DictReader(open(tmp_path / "run" / "pairs.csv")))
     assert row["failed"] == "False" and int(row["num_matches"]) == 300, row
 
