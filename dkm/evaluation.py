@@ -190,7 +190,7 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
     Started by ``torchrun --nproc-per-node=N``, the N processes split the pairs (``pairs[rank::N]``,
     each on its own GPU), gather their records (over gloo) and rank 0 writes the outputs: the same
     records and metrics as one process."""
-    rank, world, _ = launched_ranks()
+    rank, world, local_rank = launched_ranks()
     if world > 1 and cfg.get("merge"):
         raise ValueError("merge= runs no model: run it as one process (python evaluate.py merge=...), not under torchrun")
     if world == 1 and slurm_step_tasks() > 1 and cfg.get("shard") is None and not cfg.get("merge"):
@@ -199,15 +199,14 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
                          "Evaluating), or give each task its share, shard=$SLURM_PROCID/$SLURM_NTASKS with its "
                          "own hydra.run.dir, and merge= the shards")
     launched_group()  # torchrun: the processes' group (created once per process)
-    metrics = _evaluate_benchmark(cfg, out_dir, rank, world)
+    gather_group = object_group(float(cfg.gather_timeout_s)) if world > 1 else None  # (None for one process)
+    metrics = _evaluate_benchmark(cfg, out_dir, rank, world, local_rank, gather_group)
     if world > 1:  # all leave together (rank 0 has written): a multirun's next job starts on all ranks at once
-        torch.distributed.barrier(group=object_group(float(cfg.get("gather_timeout_s", 24 * 3600))))
+        torch.distributed.barrier(group=gather_group)
     return metrics
 
 
-def _evaluate_benchmark(cfg, out_dir, rank: int, world: int) -> dict:
-    local_rank = launched_ranks()[2]
-    gather_group = object_group(float(cfg.get("gather_timeout_s", 24 * 3600))) if world > 1 else None
+def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, gather_group) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(cfg.seed)
