@@ -33,6 +33,19 @@ from ..geometry.coords import normalized_to_pixel
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def overridden(obj, **attrs):
+    """Set ``attrs`` on ``obj`` for the duration of the block, then restore the old values."""
+    old = {k: getattr(obj, k) for k in attrs}
+    for k, v in attrs.items():
+        setattr(obj, k, v)
+    try:
+        yield obj
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
+
+
 class PairBenchmark(ABC):
     """Base class: subclasses list their pairs and evaluate one pair.
 
@@ -193,18 +206,9 @@ class PairBenchmark(ABC):
         res = self.upsample_res or getattr(model, "upsample_res", None)
         return tuple(int(v) for v in res) if on and res is not None else None
 
-    @contextmanager
     def model_settings_applied(self, model):
         """Apply :meth:`model_settings` to the attributes ``model`` has; restore them afterwards."""
-        settings = {k: v for k, v in self.model_settings().items() if hasattr(model, k)}
-        old = {k: getattr(model, k) for k in settings}
-        for k, v in settings.items():
-            setattr(model, k, v)
-        try:
-            yield
-        finally:
-            for k, v in old.items():
-                setattr(model, k, v)
+        return overridden(model, **{k: v for k, v in self.model_settings().items() if hasattr(model, k)})
 
     def check_model(self, model) -> None:
         """Raise if this protocol cannot evaluate ``model`` at all (else every pair would fail and be

@@ -10,7 +10,7 @@ from PIL import Image
 from ..geometry.homography import estimate_homography, mean_corner_error
 from ..geometry.metrics import error_auc
 from ..utils.image import load_image
-from .base import PairBenchmark
+from .base import PairBenchmark, overridden
 
 
 class HpatchesSequences(PairBenchmark):
@@ -146,10 +146,5 @@ class HpatchesHomogBenchmark(HpatchesSequences):
     def benchmark_hpatches(self, model, ransac_thr: float | None = None) -> dict:
         """The original entry point: metrics over all pairs. ``ransac_thr`` (the v11 signature's
         argument, default 3.0) overrides the constructor's threshold for this call."""
-        if ransac_thr is None:
+        with overridden(self, ransac_thr=self.ransac_thr if ransac_thr is None else float(ransac_thr)):
             return self.benchmark(model)
-        kept, self.ransac_thr = self.ransac_thr, float(ransac_thr)
-        try:
-            return self.benchmark(model)
-        finally:
-            self.ransac_thr = kept

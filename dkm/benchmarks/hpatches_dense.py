@@ -9,6 +9,7 @@ import torch
 
 from ..geometry.coords import normalized_to_pixel
 from .dense import DenseWarpScoring
+from .base import overridden
 from .hpatches import HpatchesSequences
 
 
@@ -65,13 +66,8 @@ class HpatchesDenseBenchmark(DenseWarpScoring, HpatchesSequences):
         """All pairs -> metrics, with the release's signature ``benchmark(model, ransac_thr=3.,
         hp240=False)``: ``hp240`` overrides the constructor's for this call; ``ransac_thr`` is accepted
         and unused (no estimator runs here, nor did the release use it)."""
-        if hp240 is None:
+        with overridden(self, hp240=self.hp240 if hp240 is None else bool(hp240)):
             return self.run(model)[0]
-        kept, self.hp240 = self.hp240, bool(hp240)
-        try:
-            return self.run(model)[0]
-        finally:
-            self.hp240 = kept
 
     def compute_metrics(self, records):
         out = super().compute_metrics(records)
