@@ -6,7 +6,8 @@
 Writes into the run directory (``outputs/evaluate/<benchmark config>/<time>/``): ``metrics.json``
 (metrics, the resolved protocol, the model config, the checkpoint's sha256), ``pairs.csv`` (one row per
 pair), ``records.json`` (the per-pair records, for ``merge=``), ``evaluate.log`` and
-``.hydra/config.yaml`` (the exact config).
+``.hydra/config.yaml`` (the exact config). Each process journals its records as the pairs finish
+(``records.rank<k>.jsonl``): after an interruption, ``resume=<that run dir>`` evaluates only the rest.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .benchmarks import BENCHMARKS, dedup_records
+from .evaluation_journal import JOURNAL_GLOB, RecordJournal, journal_path, read_journals
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
 from .utils.distributed import all_ranks, gather_records, launched_group, launched_ranks, object_group, slurm_step_tasks
@@ -189,8 +190,15 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
 
     Started by ``torchrun --nproc-per-node=N``, the N processes split the pairs (``pairs[rank::N]``,
     each on its own GPU), gather their records (over gloo) and rank 0 writes the outputs: the same
-    records and metrics as one process."""
+    records and metrics as one process.
+
+    Every process journals its records as they are made (``records.rank<k>.jsonl``, see
+    :mod:`dkm.evaluation_journal`); ``resume=<run dir>`` evaluates only the pairs that run's journals
+    do not hold, and writes the outputs of the whole selection."""
     rank, world, local_rank = launched_ranks()
+    if cfg.get("merge") and cfg.get("resume"):
+        raise ValueError("merge= and resume= together: merge= scores finished runs (their records.json), resume= "
+                         "continues an interrupted one (its records.rank*.jsonl); give one of them")
     if world > 1 and cfg.get("merge"):
         raise ValueError("merge= runs no model: run it as one process (python evaluate.py merge=...), not under torchrun")
     if world == 1 and slurm_step_tasks() > 1 and cfg.get("shard") is None and not cfg.get("merge"):
@@ -218,6 +226,7 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
                             index=not merging)  # a missing or incomplete dataset fails here, early
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     ckpt, ckpt_hash, device, resolution, upsample_res = cfg.ckpt, None, None, None, None
+    resumed, resumed_devices, done = [], [], set()  # records of the run given as resume=, and which are selected
     devices: list[str] | None = None  # every rank's device
     applied: dict | None = None  # the model attributes the benchmark set while it ran
     notes: list[str] = []  # how the dataset differs from the published benchmark (e.g. missing sequences)
@@ -275,6 +284,14 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
             ckpt_hash = sha256_file(model_cfg["weights"])
         elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
             log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
+        identity = {  # what decides a pair's record: a journal of another identity cannot be resumed
+            "benchmark": bench.name,
+            "protocol": comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True)),
+            "seed": cfg.seed, "model": {k: v for k, v in model_cfg.items() if k != "weights"},
+            "checkpoint_sha256": ckpt_hash, "dtype": cfg.dtype,
+            "precision_scope": cfg.get("precision_scope", "refiners")}
+        resumed, resumed_devices = resumed_records(cfg.get("resume"), identity, bench, rank, world, gather_group)
+        done = {r["pair_index"] for r in resumed} & set(indices)
         if world > 1 and local_rank > 0:  # each node's first process first: a download lands in its cache once
             torch.distributed.barrier()
         model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
@@ -292,11 +309,23 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
             log.warning(note)
         log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
                  model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
-        mine = shard_indices(indices, rank, world)
+        if cfg.get("resume"):
+            log.info("resume: %d of the %d pairs have a record in %s; evaluating the other %d", len(done),
+                     len(indices), cfg.resume, len(indices) - len(done))
+        mine = shard_indices([i for i in indices if i not in done], rank, world)
         if world > 1:
-            log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices))
-        records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0)
-        records = gather_records(records, group=gather_group)  # every rank's records, each pair once, by index
+            log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices) - len(done))
+        header = {"identity": identity, "device": str(device), "rank": rank, "world": world}
+        with open_journal(out_dir, header, resumed, rank, world, gather_group) as journal:
+            try:
+                records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0,
+                                               on_record=journal.write)
+            except BaseException:
+                log.error("stopped after %d pairs of this process, journaled in %s: resume=%s evaluates the others",
+                          journal.num_written, journal.path, out_dir)
+                raise
+        carried = [r for r in resumed if r["pair_index"] in done] if rank == 0 else []
+        records = gather_records(records + carried, group=gather_group)  # every pair once, by index
         metrics = bench.compute_metrics(records)
         devices = [str(d) for d in all_ranks(device, gather_group)]
         if rank > 0:  # rank 0 writes the outputs
@@ -324,6 +353,8 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
         "merged_from": [str(d) for d in cfg.merge] if cfg.get("merge") else None,
         "num_pairs_in_benchmark": num_listed,
         "missing_pairs": missing,
+        "resumed": {"from": str(cfg.resume), "num_pairs": len(done), "devices": resumed_devices}
+        if cfg.get("resume") else None,
     }
     # each file whole or not at all; metrics.json last, so that its presence means a complete run
     atomic_write_text(out_dir / "records.json", json.dumps(records, default=_json_default))
@@ -332,6 +363,56 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
     print(summary_table(f"{bench.name} ({len(records)} pairs, {metrics['num_failed']} failed)", metrics))
     print(f"metrics: {out_dir / 'metrics.json'}\nper pair: {out_dir / 'pairs.csv'}")
     return metrics
+
+
+def resumed_records(run_dir, identity: Mapping, bench, rank: int, world: int, group) -> tuple[list[dict], list[str]]:
+    """The records journaled in ``run_dir`` (all of them; ``[]`` without ``run_dir``) and the devices
+    that made them, read by rank 0 and passed to every rank. Refused (on every rank): journals of
+    another identity, and records whose pair id is not the one this dataset lists at their index."""
+    def read() -> tuple[list[dict], list[str]]:
+        if not run_dir:
+            return [], []
+        records, devices = read_journals(run_dir, identity)
+        pairs = bench.pairs()
+        wrong = [r for r in records
+                 if r["pair_index"] < len(pairs) and r.get("pair_id") != bench.pair_id(pairs[r["pair_index"]])]
+        if wrong:
+            i = wrong[0]["pair_index"]
+            raise ValueError(f"resume: {run_dir} recorded pair {i} as {wrong[0].get('pair_id')!r}, this dataset lists "
+                             f"{bench.pair_id(pairs[i])!r} there ({len(wrong)} such pairs): resume with the dataset "
+                             "tree that run evaluated")
+        return records, devices
+
+    if world == 1:
+        return read()
+    payload = None
+    if rank == 0:
+        try:
+            payload = read()
+        except (OSError, ValueError) as e:  # raised on every rank below, not on rank 0 alone
+            payload = f"{type(e).__name__}: {e}"
+    payload = all_ranks(payload, group)[0]
+    if isinstance(payload, str):
+        raise ValueError(payload)
+    return payload
+
+
+def open_journal(out_dir: Path, header: dict, resumed: list[dict], rank: int, world: int, group) -> RecordJournal:
+    """This process's journal in ``out_dir``. Rank 0 writes its own first (with the ``resumed`` records,
+    so that this run's journals hold all its records, whatever directory it resumed), then removes
+    the other journals there (of an earlier run into the same directory); the other ranks open theirs
+    after that."""
+    journal = None
+    if rank == 0:
+        journal = RecordJournal(journal_path(out_dir, 0), header, resumed, default=_json_default)
+        for stale in out_dir.glob(JOURNAL_GLOB):
+            if stale != journal.path:
+                stale.unlink()
+    if world > 1:
+        all_ranks(None, group)  # (a barrier)
+    if journal is None:
+        journal = RecordJournal(journal_path(out_dir, rank), header, default=_json_default)
+    return journal
 
 
 def _json_default(v):

@@ -250,6 +250,18 @@ def test_torchrun_splits_the_pairs_and_writes_what_one_process_writes(tiny_hpatc
     assert result["metrics"] == single and result["num_ranks"] == 2 and result["devices"] == ["cpu", "cpu"]
     assert json.loads((tmp_path / "one" / "metrics.json").read_text())["num_ranks"] == 1
     assert "[rank 1] rank 1 of 2" in out and "[rank 0]" not in out
+    assert [[r["pair_index"] for r in _journal(tmp_path / "two", k)[1:]] for k in (0, 1)] == [[0, 2, 4], [1, 3]]
+    # a one-process run stopped after two pairs, resumed by two processes: they split the other three
+    (tmp_path / "cut").mkdir()
+    lines = (tmp_path / "one" / "records.rank0.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "cut" / "records.rank0.jsonl").write_text("".join(lines[:3]))
+    res = subprocess.run([*cmd[:-1], f"resume={tmp_path / 'cut'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "rank 0 of 2: 2 of the 3 pairs" in out and "rank 1 of 2: 1 of the 3 pairs" in out
+    assert records(tmp_path / "resumed") == records(tmp_path / "one")
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["resumed"]["num_pairs"] == 2
     # a Hydra multirun: its jobs run one after the other in the same processes (one process group)
     cmd = [*cmd[:6], "-m", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1"]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -308,3 +320,109 @@ def test_launcher_detection_and_refusals(tiny_hpatches, tmp_path, monkeypatch):
             resolve_device("cuda", local_rank=7)
     assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
     assert select_indices(10, [4, 1, 1, 3]) == [4, 1, 3]  # a pair named twice is evaluated once
+
+
+def _records(run_dir):
+    """records.json without the timings."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in json.loads((Path(run_dir) / "records.json").read_text())]
+
+
+def _journal(run_dir, rank=0):
+    return [json.loads(line) for line in (Path(run_dir) / f"records.rank{rank}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def counted_pairs(monkeypatch):
+    """The HPatches pairs evaluated (ids, in order); ``stop_at[0] = n`` interrupts the run (Ctrl-C) at the n-th."""
+    from dkm.benchmarks import HpatchesHomogBenchmark
+
+    real, calls, stop_at = HpatchesHomogBenchmark.evaluate_pair, [], [None]
+
+    def evaluate_pair(self, model, pair, ctx):
+        calls.append(self.pair_id(pair))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real(self, model, pair, ctx)
+
+    monkeypatch.setattr(HpatchesHomogBenchmark, "evaluate_pair", evaluate_pair)
+    return calls, stop_at
+
+
+def test_an_interrupted_run_resumes_to_the_records_of_an_uninterrupted_one(tiny_hpatches, tmp_path, counted_pairs):
+    """Every record is journaled as its pair finishes; resume= evaluates only the pairs without one, and the
+    resumed run's records and metrics are the uninterrupted run's (every pair seeded by its index)."""
+    calls, stop_at = counted_pairs
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=1500", f"data_root={tiny_hpatches}",
+              "progress=false"]
+    full = evaluate_benchmark(cfg_for(*common), tmp_path / "full")
+    journal = _journal(tmp_path / "full")
+    assert journal[0]["identity"]["seed"] == 0 and journal[0]["identity"]["benchmark"] == "hpatches"
+    assert [r["pair_index"] for r in journal[1:]] == [0, 1, 2, 3, 4]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in journal[1:]] == _records(tmp_path / "full")
+
+    calls.clear()
+    stop_at[0] = 3
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_benchmark(cfg_for(*common), tmp_path / "cut")
+    assert not (tmp_path / "cut" / "metrics.json").exists() and len(_journal(tmp_path / "cut")) == 1 + 2
+
+    calls.clear()
+    stop_at[0] = None
+    resumed = evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'cut'}"), tmp_path / "resumed")
+    assert len(calls) == 3 and resumed == full and _records(tmp_path / "resumed") == _records(tmp_path / "full")
+    result = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert result["resumed"] == {"from": str(tmp_path / "cut"), "num_pairs": 2, "devices": ["cpu"]}
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text())["resumed"] is None
+    assert len(_journal(tmp_path / "resumed")) == 1 + 5  # the carried records too: this run can be resumed in turn
+
+    calls.clear()  # resuming a finished run evaluates nothing; a subset of it scores that subset
+    assert evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'resumed'}"), tmp_path / "again") == full
+    evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'resumed'}", "subset=[1,3]"), tmp_path / "sub")
+    assert calls == [] and [r["pair_index"] for r in _records(tmp_path / "sub")] == [1, 3]
+    assert json.loads((tmp_path / "sub" / "metrics.json").read_text())["resumed"]["num_pairs"] == 2
+
+    # resumed into its own directory (hydra.run.dir of the interrupted run), where another rank had journaled
+    # pair 4: the same records, every journal read, one journal left that holds them all
+    lines = (tmp_path / "full" / "records.rank0.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "cut" / "records.rank1.jsonl").write_text(lines[0] + lines[5])
+    assert evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'cut'}"), tmp_path / "cut") == full
+    assert calls == ["v_a/1-4", "v_a/1-5"] and len(_journal(tmp_path / "cut")) == 1 + 5
+    assert sorted(p.name for p in (tmp_path / "cut").glob("records.rank*")) == ["records.rank0.jsonl"]
+
+
+def test_resume_refuses_another_run_and_reevaluates_a_torn_last_record(tiny_hpatches, tmp_path, counted_pairs,
+                                                                        caplog):
+    calls, _ = counted_pairs
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=1500", f"data_root={tiny_hpatches}",
+              "progress=false"]
+    full = evaluate_benchmark(cfg_for(*common), tmp_path / "full")
+    lines = (tmp_path / "full" / "records.rank0.jsonl").read_text().splitlines(keepends=True)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    journal = cut / "records.rank0.jsonl"
+    journal.write_text("".join(lines[:4]) + lines[4][:25])  # killed while writing pair 3's record
+    calls.clear()
+    assert evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "resumed") == full
+    assert len(calls) == 2 and "its last line is incomplete" in caplog.text
+
+    for overrides, match in [
+        (["seed=1"], r"records.rank0.jsonl was written by a run that differs from this command in \['seed'\]"),
+        (["benchmark.num_samples=500"], r"differs from this command in \['protocol'\]"),
+        (["model.num_features=100"], r"differs from this command in \['model'\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            evaluate_benchmark(cfg_for(*common, *overrides, f"resume={cut}"), tmp_path / "other")
+    journal.write_text(lines[0] + lines[1].replace('"pair_id": "', '"pair_id": "v_x'))
+    with pytest.raises(ValueError, match=r"recorded pair 0 as 'v_x.*this dataset lists 'v_a.* there"):
+        evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "other")
+    journal.write_text(lines[0] + "not json\n" + lines[2])
+    with pytest.raises(ValueError, match=r"records.rank0.jsonl, line 2, is not a JSON record"):
+        evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "other")
+    journal.write_text("".join(lines[1:3]))
+    with pytest.raises(ValueError, match=r"does not start with the run's identity line"):
+        evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match=r"resume: no records.rank\*.jsonl in .*empty"):
+        evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'empty'}"), tmp_path / "other")
+    with pytest.raises(ValueError, match="merge= and resume= together"):
+        evaluate_benchmark(cfg_for(*common, f"resume={cut}", f"merge=[{tmp_path / 'full'}]"), tmp_path / "other")
+    assert len(calls) == 2 and not (tmp_path / "other" / "metrics.json").exists()  # all refused before any pair

@@ -20,6 +20,7 @@ import logging
 import time
 import traceback
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -221,16 +222,18 @@ class PairBenchmark(ABC):
                              f"benchmark@callbacks.{self.name}.benchmark={self.name}_dkmv3; from Python the values "
                              f"of conf/benchmark/{self.name}_dkmv3.yaml as keywords), or cycle_consistency=false")
 
-    def evaluate_pairs(self, model, indices=None, progress: bool = True) -> list[dict]:
+    def evaluate_pairs(self, model, indices=None, progress: bool = True,
+                       on_record: Callable[[dict], None] | None = None) -> list[dict]:
         """Records for the given pair indices (default: all), each seeded by its index, so any
-        subset, order or split over processes gives the same record for a pair."""
+        subset, order or split over processes gives the same record for a pair. ``on_record(record)``
+        is called as each pair is scored (``evaluate.py`` journals them there)."""
         indices = range(len(self._pairs)) if indices is None else [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self._pairs)]
         if bad:
             raise IndexError(f"{self.name}: pair indices {bad[:10]} out of range [0, {len(self._pairs)})")
         self.check_model(model)
         with self.model_settings_applied(model):
-            return self._evaluate(model, indices, progress)
+            return self._evaluate(model, indices, progress, on_record)
 
     def _seeded_context(self, i: int) -> dict:
         """The randomness of pair ``i``, seeded by ``(seed, i)`` (also OpenCV's global RNG, which its
@@ -239,7 +242,7 @@ class PairBenchmark(ABC):
         return {"generator": torch.Generator().manual_seed(self.seed * 1_000_003 + i),
                 "rng": np.random.default_rng([self.seed, i]), "seed": (self.seed, i)}
 
-    def _evaluate(self, model, indices, progress: bool) -> list[dict]:
+    def _evaluate(self, model, indices, progress: bool, on_record=None) -> list[dict]:
         records = []
         for i in tqdm(indices, desc=self.name, disable=not progress, leave=False):
             pair = self._pairs[i]
@@ -264,6 +267,8 @@ class PairBenchmark(ABC):
             rec = {"pair_index": i, "pair_id": self.pair_id(pair)} | rec
             rec["seconds"] = time.perf_counter() - t0
             records.append(rec)
+            if on_record is not None:
+                on_record(rec)
         return records
 
     def run(self, model, indices=None, progress: bool = True) -> tuple[dict, list[dict]]:
