@@ -221,140 +221,40 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     merging = bool(cfg.get("merge"))
-    missing: list[int] = []  # pair indices without a record in the merged runs (only with merge_partial)
     bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=cfg.limit,
                             index=not merging)  # a missing or incomplete dataset fails here, early
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    ckpt, ckpt_hash, device, resolution, upsample_res = cfg.ckpt, None, None, None, None
-    resumed, resumed_devices, done = [], [], set()  # records of the run given as resume=, and which are selected
-    devices: list[str] | None = None  # every rank's device
-    applied: dict | None = None  # the model attributes the benchmark set while it ran
-    notes: list[str] = []  # how the dataset differs from the published benchmark (e.g. missing sequences)
     if merging:
-        meta = load_run_metadata(cfg.merge)
-        if meta["benchmark"] not in (None, bench.name):
-            raise ValueError(f"merge: the runs are of benchmark {meta['benchmark']!r}, not {bench.name!r}")
-        given = comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True))
-        if meta["protocol"] is not None and given != meta["protocol"]:
-            differ = sorted(k for k in set(given) | set(meta["protocol"]) if given.get(k) != meta["protocol"].get(k))
-            raise ValueError(f"merge: the runs were evaluated with another protocol than benchmark={bench.name} "
-                             f"gives here (differs in {differ}); merge with the runs' benchmark config")
-        if meta["seed"] is not None and meta["seed"] != cfg.seed:
-            raise ValueError(f"merge: the runs used seed={meta['seed']}, this command seed={cfg.seed}")
-        num_listed = int(meta["num_pairs_in_benchmark"])
-        model_cfg, ckpt, ckpt_hash = meta["model"], meta["checkpoint"], meta["checkpoint_sha256"]
-        notes = meta["dataset_warnings"]
-        indices = select_indices(num_listed if cfg.limit is None else min(num_listed, int(cfg.limit)),
-                                 cfg.get("subset"), cfg.get("shard"))
-        wanted = set(indices)
-        records = [r for r in load_records(cfg.merge) if r["pair_index"] in wanted]
-        missing = sorted(set(indices) - {r["pair_index"] for r in records})
-        if missing and not cfg.get("merge_partial", False):
-            raise ValueError(f"merge: {len(missing)} of {len(indices)} pairs have no record in {list(cfg.merge)} "
-                             f"(first: {missing[:10]}); give the run directories of all shards, or "
-                             "merge_partial=true to score the recorded pairs only (metrics.json lists the missing)")
-        if missing:
-            log.warning("merge: %d of %d pairs have no record (first: %s); scoring the %d recorded (merge_partial)",
-                        len(missing), len(indices), missing[:10], len(records))
-        metrics = bench.compute_metrics(records)
+        records, run = merged_records(cfg, bench)
     else:
-        num_listed = bench.num_listed
-        indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
-        if world > 1:  # every rank must mean the same pairs by the same indices (node-local copies may differ)
-            listed = hashlib.sha1("\n".join(bench.pair_id(p) for p in bench.pairs()).encode()).hexdigest()
-            seen = all_ranks((num_listed, len(bench), listed, str(out_dir)), gather_group)
-            if len({s[:3] for s in seen}) > 1:
-                raise ValueError("the ranks list different pairs (" + "; ".join(
-                    f"rank {r}: {n} listed, {k} kept, ids {h[:8]}" for r, (n, k, h, _) in enumerate(seen))
-                    + "): give every rank the same dataset tree")
-            if rank == 0 and len({s[3] for s in seen}) > 1:
-                log.warning("the ranks' Hydra run directories differ (%s): rank 0 writes the outputs into %s; give "
-                            "hydra.run.dir so that all share one", sorted({s[3] for s in seen}), out_dir)
-        if cfg.dtype not in DTYPES:
-            raise ValueError(f"dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
-        if cfg.get("precision_scope", "refiners") not in PRECISION_SCOPES:
-            raise ValueError(f"precision_scope={cfg.precision_scope!r}: expected one of {list(PRECISION_SCOPES)}")
-        if ckpt is not None:
-            if model_cfg.get("arch") == "sift":
-                raise ValueError("ckpt= was given but model=sift has no weights; choose a DKM model (model=dkm_base)")
-            if not Path(ckpt).is_file():
-                raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
-            model_cfg = model_config_for(model_cfg, ckpt)
-        if model_cfg.get("weights"):
-            ckpt_hash = sha256_file(model_cfg["weights"])
-        elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
-            log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
-        identity = {  # what decides a pair's record: a journal of another identity cannot be resumed
-            "benchmark": bench.name,
-            "protocol": comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True)),
-            "seed": cfg.seed, "model": {k: v for k, v in model_cfg.items() if k != "weights"},
-            "checkpoint_sha256": ckpt_hash, "dtype": cfg.dtype,
-            "precision_scope": cfg.get("precision_scope", "refiners")}
-        resumed, resumed_devices = resumed_records(cfg.get("resume"), identity, bench, rank, world, gather_group)
-        done = {r["pair_index"] for r in resumed} & set(indices)
-        if world > 1 and local_rank > 0:  # each node's first process first: a download lands in its cache once
-            torch.distributed.barrier()
-        model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
-        if world > 1 and local_rank == 0:
-            torch.distributed.barrier()
-        device = resolve_device(cfg.device, local_rank if world > 1 else None)
-        model = model.to(device).eval()
-        if hasattr(model, "inference_dtype"):
-            model.inference_dtype = DTYPES[cfg.dtype]
-            model.inference_precision_scope = cfg.get("precision_scope", "refiners")
-        resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
-        applied = {k: v for k, v in bench.model_settings().items() if hasattr(model, k)}
-        notes = bench.completeness_warnings()
-        for note in notes if rank == 0 else ():
-            log.warning(note)
-        log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
-                 model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
-        if cfg.get("resume"):
-            log.info("resume: %d of the %d pairs have a record in %s; evaluating the other %d", len(done),
-                     len(indices), cfg.resume, len(indices) - len(done))
-        mine = shard_indices([i for i in indices if i not in done], rank, world)
-        if world > 1:
-            log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices) - len(done))
-        header = {"identity": identity, "device": str(device), "rank": rank, "world": world}
-        with open_journal(out_dir, header, resumed, rank, world, gather_group) as journal:
-            try:
-                records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0,
-                                               on_record=journal.write)
-            except BaseException:
-                log.error("stopped after %d pairs of this process, journaled in %s: resume=%s evaluates the others",
-                          journal.num_written, journal.path, out_dir)
-                raise
-        carried = [r for r in resumed if r["pair_index"] in done] if rank == 0 else []
-        records = gather_records(records + carried, group=gather_group)  # every pair once, by index
-        metrics = bench.compute_metrics(records)
-        devices = [str(d) for d in all_ranks(device, gather_group)]
-        if rank > 0:  # rank 0 writes the outputs
-            return metrics
+        records, run = evaluated_records(cfg, bench, out_dir, rank, world, local_rank, gather_group)
+    metrics = bench.compute_metrics(records)
+    if rank > 0:  # rank 0 writes the outputs
+        return metrics
+    protocol = OmegaConf.to_container(cfg.benchmark, resolve=True)
     result = {
         "benchmark": bench.name,
         "metrics": metrics,
-        "protocol": OmegaConf.to_container(cfg.benchmark, resolve=True) | {
-            "data_root": None if merging else str(bench.data_root), "effective_resolution": resolution,
-            "effective_upsample_res": upsample_res},
-        "model": model_cfg,
-        "checkpoint": None if ckpt is None else str(ckpt),
-        "checkpoint_sha256": ckpt_hash,
+        "protocol": protocol | {"data_root": None if merging else str(bench.data_root),
+                                "effective_resolution": run.get("effective_resolution"),
+                                "effective_upsample_res": run.get("effective_upsample_res")},
+        "model": run["model"],
+        "checkpoint": run["checkpoint"],
+        "checkpoint_sha256": run["checkpoint_sha256"],
         "seed": cfg.seed,
-        "device": None if device is None else str(device),
+        "device": run.get("device"),
         "num_ranks": world,
-        "devices": devices,
-        "model_settings": applied,
+        "devices": run.get("devices"),
+        "model_settings": run.get("model_settings"),
         "dtype": cfg.dtype,
         "precision_scope": cfg.get("precision_scope", "refiners"),
         "limit": cfg.limit,
-        "dataset_warnings": notes,
+        "dataset_warnings": run["dataset_warnings"],
         "subset": OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset"),
         "shard": cfg.get("shard"),
-        "merged_from": [str(d) for d in cfg.merge] if cfg.get("merge") else None,
-        "num_pairs_in_benchmark": num_listed,
-        "missing_pairs": missing,
-        "resumed": {"from": str(cfg.resume), "num_pairs": len(done), "devices": resumed_devices}
-        if cfg.get("resume") else None,
+        "merged_from": [str(d) for d in cfg.merge] if merging else None,
+        "num_pairs_in_benchmark": run["num_pairs_in_benchmark"],
+        "missing_pairs": run.get("missing_pairs", []),
+        "resumed": run.get("resumed"),
     }
     # each file whole or not at all; metrics.json last, so that its presence means a complete run
     atomic_write_text(out_dir / "records.json", json.dumps(records, default=_json_default))
@@ -363,6 +263,119 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
     print(summary_table(f"{bench.name} ({len(records)} pairs, {metrics['num_failed']} failed)", metrics))
     print(f"metrics: {out_dir / 'metrics.json'}\nper pair: {out_dir / 'pairs.csv'}")
     return metrics
+
+
+def merged_records(cfg, bench) -> tuple[list[dict], dict]:
+    """``merge=``: the selected pairs' records of the runs named, and what those runs' ``metrics.json``
+    agree on (model, checkpoint, pair count, dataset warnings; ``missing_pairs`` with ``merge_partial``)."""
+    meta = load_run_metadata(cfg.merge)
+    if meta["benchmark"] not in (None, bench.name):
+        raise ValueError(f"merge: the runs are of benchmark {meta['benchmark']!r}, not {bench.name!r}")
+    given = comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True))
+    if meta["protocol"] is not None and given != meta["protocol"]:
+        differ = sorted(k for k in set(given) | set(meta["protocol"]) if given.get(k) != meta["protocol"].get(k))
+        raise ValueError(f"merge: the runs were evaluated with another protocol than benchmark={bench.name} "
+                         f"gives here (differs in {differ}); merge with the runs' benchmark config")
+    if meta["seed"] is not None and meta["seed"] != cfg.seed:
+        raise ValueError(f"merge: the runs used seed={meta['seed']}, this command seed={cfg.seed}")
+    num_listed = int(meta["num_pairs_in_benchmark"])
+    indices = select_indices(num_listed if cfg.limit is None else min(num_listed, int(cfg.limit)),
+                             cfg.get("subset"), cfg.get("shard"))
+    wanted = set(indices)
+    records = [r for r in load_records(cfg.merge) if r["pair_index"] in wanted]
+    missing = sorted(wanted - {r["pair_index"] for r in records})
+    if missing and not cfg.get("merge_partial", False):
+        raise ValueError(f"merge: {len(missing)} of {len(indices)} pairs have no record in {list(cfg.merge)} "
+                         f"(first: {missing[:10]}); give the run directories of all shards, or "
+                         "merge_partial=true to score the recorded pairs only (metrics.json lists the missing)")
+    if missing:
+        log.warning("merge: %d of %d pairs have no record (first: %s); scoring the %d recorded (merge_partial)",
+                    len(missing), len(indices), missing[:10], len(records))
+    return records, {"model": meta["model"], "checkpoint": meta["checkpoint"],
+                     "checkpoint_sha256": meta["checkpoint_sha256"], "dataset_warnings": meta["dataset_warnings"],
+                     "num_pairs_in_benchmark": num_listed, "missing_pairs": missing}
+
+
+def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_rank: int,
+                      gather_group) -> tuple[list[dict], dict]:
+    """Build the model and evaluate the selected pairs (this process's share of those without a record
+    in the ``resume=`` run), journaling each record; returns every rank's records (with the resumed
+    ones) and the run's facts for ``metrics.json`` (model, checkpoint, devices, resolutions, ...)."""
+    num_listed = bench.num_listed
+    indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
+    if world > 1:  # every rank must mean the same pairs by the same indices (node-local copies may differ)
+        listed = hashlib.sha1("\n".join(bench.pair_id(p) for p in bench.pairs()).encode()).hexdigest()
+        seen = all_ranks((num_listed, len(bench), listed, str(out_dir)), gather_group)
+        if len({s[:3] for s in seen}) > 1:
+            raise ValueError("the ranks list different pairs (" + "; ".join(
+                f"rank {r}: {n} listed, {k} kept, ids {h[:8]}" for r, (n, k, h, _) in enumerate(seen))
+                + "): give every rank the same dataset tree")
+        if rank == 0 and len({s[3] for s in seen}) > 1:
+            log.warning("the ranks' Hydra run directories differ (%s): rank 0 writes the outputs into %s; give "
+                        "hydra.run.dir so that all share one", sorted({s[3] for s in seen}), out_dir)
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
+    scope = cfg.get("precision_scope", "refiners")
+    if scope not in PRECISION_SCOPES:
+        raise ValueError(f"precision_scope={scope!r}: expected one of {list(PRECISION_SCOPES)}")
+    model_cfg, ckpt, ckpt_hash = OmegaConf.to_container(cfg.model, resolve=True), cfg.ckpt, None
+    if ckpt is not None:
+        if model_cfg.get("arch") == "sift":
+            raise ValueError("ckpt= was given but model=sift has no weights; choose a DKM model (model=dkm_base)")
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
+        model_cfg = model_config_for(model_cfg, ckpt)
+    if model_cfg.get("weights"):
+        ckpt_hash = sha256_file(model_cfg["weights"])
+    elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
+        log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
+    identity = {  # what decides a pair's record: a journal of another identity cannot be resumed
+        "benchmark": bench.name, "protocol": comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True)),
+        "seed": cfg.seed, "model": {k: v for k, v in model_cfg.items() if k != "weights"},
+        "checkpoint_sha256": ckpt_hash, "dtype": cfg.dtype, "precision_scope": scope}
+    resumed, resumed_devices = resumed_records(cfg.get("resume"), identity, bench, rank, world, gather_group)
+    done = {r["pair_index"] for r in resumed} & set(indices)  # the selected pairs the resumed run recorded
+
+    if world > 1 and local_rank > 0:  # each node's first process first: a download lands in its cache once
+        torch.distributed.barrier()
+    model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
+    if world > 1 and local_rank == 0:
+        torch.distributed.barrier()
+    device = resolve_device(cfg.device, local_rank if world > 1 else None)
+    model = model.to(device).eval()
+    if hasattr(model, "inference_dtype"):
+        model.inference_dtype, model.inference_precision_scope = DTYPES[cfg.dtype], scope
+    resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
+    notes = bench.completeness_warnings()  # how the dataset differs from the published one
+    for note in notes if rank == 0 else ():
+        log.warning(note)
+    log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
+             model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
+    if cfg.get("resume"):
+        log.info("resume: %d of the %d pairs have a record in %s; evaluating the other %d", len(done),
+                 len(indices), cfg.resume, len(indices) - len(done))
+    mine = shard_indices([i for i in indices if i not in done], rank, world)
+    if world > 1:
+        log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices) - len(done))
+
+    header = {"identity": identity, "device": str(device), "rank": rank, "world": world}
+    with open_journal(out_dir, header, resumed, rank, world, gather_group) as journal:
+        try:
+            records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0, on_record=journal.write)
+        except BaseException:
+            log.error("stopped after %d pairs of this process, journaled in %s: resume=%s evaluates the others",
+                      journal.num_written, journal.path, out_dir)
+            raise
+    carried = [r for r in resumed if r["pair_index"] in done] if rank == 0 else []
+    records = gather_records(records + carried, group=gather_group)  # every rank's, every pair once, by index
+    return records, {
+        "model": model_cfg, "checkpoint": None if ckpt is None else str(ckpt), "checkpoint_sha256": ckpt_hash,
+        "dataset_warnings": notes, "num_pairs_in_benchmark": num_listed, "device": str(device),
+        "devices": [str(d) for d in all_ranks(device, gather_group)],
+        "model_settings": {k: v for k, v in bench.model_settings().items() if hasattr(model, k)},
+        "effective_resolution": resolution, "effective_upsample_res": upsample_res,
+        "resumed": {"from": str(cfg.resume), "num_pairs": len(done), "devices": resumed_devices}
+        if cfg.get("resume") else None}
 
 
 def resumed_records(run_dir, identity: Mapping, bench, rank: int, world: int, group) -> tuple[list[dict], list[str]]:
