@@ -35,10 +35,32 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def build_benchmark(cfg: Mapping, data_root=None, seed: int = 0, limit=None, check: bool = True, index: bool = True):
-    """A benchmark object from a ``conf/benchmark/*.yaml`` mapping (``name`` selects the class);
+def config_dir() -> Path:
+    """The Hydra configs: ``conf/`` of a source checkout (also an editable install), or the copy a
+    wheel installs as ``dkm/conf``."""
+    here = Path(__file__).resolve().parent
+    for d in (here.parent / "conf", here / "conf"):
+        if (d / "evaluate.yaml").is_file():
+            return d
+    raise FileNotFoundError(f"no Hydra configs next to {here} (expected {here.parent / 'conf'} in a checkout, "
+                            f"{here / 'conf'} in an installed wheel): reinstall dkm")
+
+
+def benchmark_config(name: str) -> dict:
+    """The protocol ``conf/benchmark/<name>.yaml`` as a dict, e.g. ``benchmark_config("scannet_dkmv3")``."""
+    path = config_dir() / "benchmark" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(f.stem for f in path.parent.glob("*.yaml"))
+        raise ValueError(f"no benchmark config {name!r} ({path}); expected one of {known}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def build_benchmark(cfg: Mapping | str, data_root=None, seed: int = 0, limit=None, check: bool = True,
+                    index: bool = True):
+    """A benchmark object from a ``conf/benchmark/*.yaml`` mapping (``name`` selects the class) or the
+    name of one of those files (``build_benchmark("scannet_dkmv3", "data/scannet")``);
     ``index=False``: the protocol only, no dataset read (to reduce records evaluated elsewhere)."""
-    cfg = dict(cfg)
+    cfg = dict(benchmark_config(cfg) if isinstance(cfg, str) else cfg)
     name = cfg.pop("name")
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(BENCHMARKS)}")

@@ -469,8 +469,8 @@ def test_cycle_consistency_protocol_rejects_a_dkmv3_model_before_any_pair(hpatch
     v3 = V3(center=0.0)
     v3.table = oracle.table
     with pytest.raises(ValueError, match=r"benchmark=hpatches_dkmv3; as a training callback "
-                                         r"benchmark@callbacks.hpatches.benchmark=hpatches_dkmv3; from Python the "
-                                         r"values of conf/benchmark/hpatches_dkmv3.yaml"):
+                                         r"benchmark@callbacks.hpatches.benchmark=hpatches_dkmv3; from Python "
+                                         r"dkm.evaluation.build_benchmark\('hpatches_dkmv3', root\)"):
         HpatchesHomogBenchmark(root, **protocol("hpatches")).evaluate_pairs(v3, progress=False)
     # as a validation callback: refused when training sets up, not at the first evaluation hours later
     from types import SimpleNamespace

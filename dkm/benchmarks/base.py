@@ -219,8 +219,9 @@ class PairBenchmark(ABC):
             raise ValueError(f"{self.name}: this protocol matches with cycle consistency (the DKM v11 option), "
                              "which DKMv3 models do not have (they match both directions); use the DKMv3 "
                              f"protocol (evaluate.py benchmark={self.name}_dkmv3; as a training callback "
-                             f"benchmark@callbacks.{self.name}.benchmark={self.name}_dkmv3; from Python the values "
-                             f"of conf/benchmark/{self.name}_dkmv3.yaml as keywords), or cycle_consistency=false")
+                             f"benchmark@callbacks.{self.name}.benchmark={self.name}_dkmv3; from Python "
+                             f"dkm.evaluation.build_benchmark({self.name + '_dkmv3'!r}, root)), or "
+                             "cycle_consistency=false")
 
     def evaluate_pairs(self, model, indices=None, progress: bool = True,
                        on_record: Callable[[dict], None] | None = None) -> list[dict]:
