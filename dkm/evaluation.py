@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .benchmarks import BENCHMARKS, dedup_records
-from .evaluation_journal import JOURNAL_GLOB, RecordJournal, journal_path, read_journals
+from .evaluation_journal import RecordJournal, fsync_dir, journal_path, journals_in, read_journals
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
 from .utils.distributed import all_ranks, gather_records, launched_group, launched_ranks, object_group, slurm_step_tasks
@@ -179,6 +179,7 @@ def load_run_metadata(run_dirs) -> dict:
                              "one benchmark protocol and one seed only")
         out[key] = metas[0].get(key)
     out["dataset_warnings"] = sorted({w for m in metas for w in m.get("dataset_warnings") or []})
+    out["versions"] = [json.loads(v) for v in sorted({json.dumps(m.get("versions"), sort_keys=True) for m in metas})]
     return out
 
 
@@ -277,6 +278,7 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
         "num_pairs_in_benchmark": run["num_pairs_in_benchmark"],
         "missing_pairs": run.get("missing_pairs", []),
         "resumed": run.get("resumed"),
+        "versions": run["versions"],
     }
     # each file whole or not at all; metrics.json last, so that its presence means a complete run
     atomic_write_text(out_dir / "records.json", json.dumps(records, default=_json_default))
@@ -313,7 +315,10 @@ def merged_records(cfg, bench) -> tuple[list[dict], dict]:
     if missing:
         log.warning("merge: %d of %d pairs have no record (first: %s); scoring the %d recorded (merge_partial)",
                     len(missing), len(indices), missing[:10], len(records))
-    return records, {"model": meta["model"], "checkpoint": meta["checkpoint"],
+    versions = meta["versions"][0] if len(meta["versions"]) == 1 else meta["versions"]
+    if len(meta["versions"]) > 1:
+        log.warning("merge: the runs were made with different software versions: %s", meta["versions"])
+    return records, {"versions": versions, "model": meta["model"], "checkpoint": meta["checkpoint"],
                      "checkpoint_sha256": meta["checkpoint_sha256"], "dataset_warnings": meta["dataset_warnings"],
                      "num_pairs_in_benchmark": num_listed, "missing_pairs": missing}
 
@@ -351,12 +356,19 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
         ckpt_hash = sha256_file(model_cfg["weights"])
     elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
         log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
-    identity = {  # what decides a pair's record: a journal of another identity cannot be resumed
-        "benchmark": bench.name, "protocol": comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True)),
-        "seed": cfg.seed, "model": {k: v for k, v in model_cfg.items() if k != "weights"},
-        "checkpoint_sha256": ckpt_hash, "dtype": cfg.dtype, "precision_scope": scope}
-    resumed, resumed_devices = resumed_records(cfg.get("resume"), identity, bench, rank, world, gather_group)
+    identity = run_identity(cfg, bench, model_cfg, ckpt_hash)
+    resume_dir = resume_directory(cfg.get("resume"), out_dir)
+    resumed, origins, resumed_versions = prior_records(resume_dir, out_dir, identity, bench, rank, world, gather_group)
+    if cfg.get("resume_retry_failed", False):  # pairs recorded as failed (e.g. a full GPU, a flaky mount) run again
+        retried = {r["pair_index"] for r in resumed if r.get("failed")} & set(indices)
+        resumed = [r for r in resumed if r["pair_index"] not in retried]
     done = {r["pair_index"] for r in resumed} & set(indices)  # the selected pairs the resumed run recorded
+    versions = software_versions()
+    if rank == 0 and resumed and resumed_versions and resumed_versions != versions:
+        changed = sorted(k for k in set(versions) | set(resumed_versions) if versions.get(k) != resumed_versions.get(k))
+        log.warning("resume: the journals in %s were written with other software versions (%s: %s, now %s); "
+                    "their records are kept", resume_dir, changed, [resumed_versions.get(k) for k in changed],
+                    [versions.get(k) for k in changed])
 
     if world > 1 and local_rank > 0:  # each node's first process first: a download lands in its cache once
         torch.distributed.barrier()
@@ -373,20 +385,21 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
         log.warning(note)
     log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
              model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
-    if cfg.get("resume"):
+    if resume_dir is not None:
         log.info("resume: %d of the %d pairs have a record in %s; evaluating the other %d", len(done),
-                 len(indices), cfg.resume, len(indices) - len(done))
+                 len(indices), resume_dir, len(indices) - len(done))
     mine = shard_indices([i for i in indices if i not in done], rank, world)
     if world > 1:
         log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices) - len(done))
 
-    header = {"identity": identity, "device": str(device), "rank": rank, "world": world}
-    with open_journal(out_dir, header, resumed, rank, world, gather_group) as journal:
+    header = {"identity": identity, "device": str(device), "rank": rank, "world": world, "versions": versions}
+    with open_journal(out_dir, header, resumed, origins, rank, world, gather_group) as journal:
         try:
             records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0, on_record=journal.write)
         except BaseException:
-            log.error("stopped after %d pairs of this process, journaled in %s: resume=%s evaluates the others",
-                      journal.num_written, journal.path, out_dir)
+            log.error("stopped after %d pairs of this process, journaled in %s: resume=%s (or, with "
+                      "hydra.run.dir=%s, resume=true) evaluates the others", journal.num_written, journal.path,
+                      out_dir, out_dir)
             raise
     carried = [r for r in resumed if r["pair_index"] in done] if rank == 0 else []
     records = gather_records(records + carried, group=gather_group)  # every rank's, every pair once, by index
@@ -396,27 +409,67 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
         "devices": [str(d) for d in all_ranks(device, gather_group)],
         "model_settings": {k: v for k, v in bench.model_settings().items() if hasattr(model, k)},
         "effective_resolution": resolution, "effective_upsample_res": upsample_res,
-        "resumed": {"from": str(cfg.resume), "num_pairs": len(done), "devices": resumed_devices}
-        if cfg.get("resume") else None}
+        "versions": versions,
+        "resumed": None if resume_dir is None else {
+            "from": str(resume_dir), "num_pairs": len(done), "devices": sorted({origins[i] for i in done})}}
 
 
-def resumed_records(run_dir, identity: Mapping, bench, rank: int, world: int, group) -> tuple[list[dict], list[str]]:
-    """The records journaled in ``run_dir`` (all of them; ``[]`` without ``run_dir``) and the devices
-    that made them, read by rank 0 and passed to every rank. Refused (on every rank): journals of
-    another identity, and records whose pair id is not the one this dataset lists at their index."""
-    def read() -> tuple[list[dict], list[str]]:
-        if not run_dir:
-            return [], []
-        records, devices = read_journals(run_dir, identity)
+def run_identity(cfg, bench, model_cfg: dict, ckpt_hash: str | None) -> dict:
+    """What decides a pair's record (a journal of another identity cannot be resumed): benchmark,
+    protocol (without the data root), seed, the model config (with a checkpoint file, its sha256
+    instead of the path and of how the weights were found) and, for DKM models, the precision."""
+    ignored = {"weights"} | ({"pretrained", "backbone_weights"} if ckpt_hash else set())
+    identity = {"benchmark": bench.name,
+                "protocol": comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True)),
+                "seed": cfg.seed, "model": {k: v for k, v in model_cfg.items() if k not in ignored},
+                "checkpoint_sha256": ckpt_hash}
+    if model_cfg.get("arch") != "sift":  # (SIFT has no reduced precision)
+        identity["dtype"] = cfg.dtype
+        if cfg.dtype != "float32":
+            identity["precision_scope"] = cfg.get("precision_scope", "refiners")
+    return identity
+
+
+def resume_directory(resume, out_dir: Path) -> Path | None:
+    """``resume=``: ``null``/``false`` none, ``true`` this run's own directory (``hydra.run.dir``), or a
+    run directory."""
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        return out_dir
+    if not isinstance(resume, (str, Path)):
+        raise ValueError(f"resume={resume!r}: expected true (this run directory) or one run directory")
+    return Path(resume)
+
+
+def prior_records(resume_dir: Path | None, out_dir: Path, identity: Mapping, bench, rank: int, world: int,
+                  group) -> tuple[list[dict], dict[int, str], dict]:
+    """The records journaled in ``resume_dir`` (all of them), the device of each (by pair index) and
+    the versions they were made with, read by rank 0 and passed to every rank. Resuming this run's own
+    directory before it has a journal (a job's first start) starts afresh. Refused, on every rank:
+    journals of another identity, records whose pair id is not the one this dataset lists at their
+    index, and, without ``resume=``, the journals of an interrupted run in ``out_dir`` (they would be
+    replaced)."""
+    def read() -> tuple[list[dict], dict[int, str], dict]:
+        own = resume_dir is not None and resume_dir.resolve() == out_dir.resolve()
+        if resume_dir is None or (own and not journals_in(out_dir)):
+            if resume_dir is None and journals_in(out_dir) and not (out_dir / "metrics.json").exists():
+                raise ValueError(f"{out_dir} holds the journals of an interrupted evaluation "
+                                 f"({', '.join(p.name for p in journals_in(out_dir))}): resume=true continues it; "
+                                 "remove them (or choose another hydra.run.dir) to start again")
+            if own:
+                log.info("resume: %s has no journal yet; evaluating every pair", out_dir)
+            return [], {}, {}
+        records, origins, versions = read_journals(resume_dir, identity)
         pairs = bench.pairs()
         wrong = [r for r in records
                  if r["pair_index"] < len(pairs) and r.get("pair_id") != bench.pair_id(pairs[r["pair_index"]])]
         if wrong:
             i = wrong[0]["pair_index"]
-            raise ValueError(f"resume: {run_dir} recorded pair {i} as {wrong[0].get('pair_id')!r}, this dataset lists "
-                             f"{bench.pair_id(pairs[i])!r} there ({len(wrong)} such pairs): resume with the dataset "
-                             "tree that run evaluated")
-        return records, devices
+            raise ValueError(f"resume: {resume_dir} recorded pair {i} as {wrong[0].get('pair_id')!r}, this dataset "
+                             f"lists {bench.pair_id(pairs[i])!r} there ({len(wrong)} such pairs): resume with the "
+                             "dataset tree that run evaluated")
+        return records, origins, versions
 
     if world == 1:
         return read()
@@ -424,30 +477,60 @@ def resumed_records(run_dir, identity: Mapping, bench, rank: int, world: int, gr
     if rank == 0:
         try:
             payload = read()
-        except (OSError, ValueError) as e:  # raised on every rank below, not on rank 0 alone
-            payload = f"{type(e).__name__}: {e}"
+        except Exception as e:  # raised on every rank below, not on rank 0 alone
+            payload = e
     payload = all_ranks(payload, group)[0]
-    if isinstance(payload, str):
-        raise ValueError(payload)
+    if isinstance(payload, BaseException):
+        raise payload
     return payload
 
 
-def open_journal(out_dir: Path, header: dict, resumed: list[dict], rank: int, world: int, group) -> RecordJournal:
-    """This process's journal in ``out_dir``. Rank 0 writes its own first (with the ``resumed`` records,
-    so that this run's journals hold all its records, whatever directory it resumed), then removes
-    the other journals there (of an earlier run into the same directory); the other ranks open theirs
-    after that."""
+def open_journal(out_dir: Path, header: dict, resumed: list[dict], origins: Mapping[int, str], rank: int,
+                 world: int, group) -> RecordJournal:
+    """This process's journal in ``out_dir``. Rank 0 writes its own first, durably (with the ``resumed``
+    records, so that this run's journals hold all its records, whatever directory it resumed), then
+    removes the other journals there (of an earlier run into the same directory); the other ranks open
+    theirs after that."""
     journal = None
     if rank == 0:
-        journal = RecordJournal(journal_path(out_dir, 0), header, resumed, default=_json_default)
-        for stale in out_dir.glob(JOURNAL_GLOB):
+        journal = RecordJournal(journal_path(out_dir, 0), header, resumed, origins, default=_json_default)
+        for stale in journals_in(out_dir):
             if stale != journal.path:
                 stale.unlink()
+        fsync_dir(out_dir)
     if world > 1:
         all_ranks(None, group)  # (a barrier)
     if journal is None:
         journal = RecordJournal(journal_path(out_dir, rank), header, default=_json_default)
     return journal
+
+
+def software_versions() -> dict:
+    """The versions that can change a record: dkm (and its git commit, ``+dirty`` with uncommitted
+    changes, in a checkout), torch, torchvision, OpenCV, poselib, kornia, numpy."""
+    import importlib
+    import subprocess
+
+    from . import __version__
+
+    versions = {"dkm": __version__, "dkm_git": None}
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / ".git").exists():
+        try:
+            sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+            dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--", "dkm"],
+                                   capture_output=True, timeout=10).returncode != 0
+            versions["dkm_git"] = (sha + ("+dirty" if dirty else "")) or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for name, module in (("torch", "torch"), ("torchvision", "torchvision"), ("opencv", "cv2"),
+                         ("poselib", "poselib"), ("kornia", "kornia"), ("numpy", "numpy")):
+        try:
+            versions[name] = getattr(importlib.import_module(module), "__version__", None)
+        except ImportError:
+            versions[name] = None
+    return versions
 
 
 def _json_default(v):

@@ -262,6 +262,10 @@ def test_torchrun_splits_the_pairs_and_writes_what_one_process_writes(tiny_hpatc
     assert "rank 0 of 2: 2 of the 3 pairs" in out and "rank 1 of 2: 1 of the 3 pairs" in out
     assert records(tmp_path / "resumed") == records(tmp_path / "one")
     assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["resumed"]["num_pairs"] == 2
+    # rank 0 reads the journals; what it finds wrong stops every rank with the same error
+    res = subprocess.run([*cmd[:-1], f"resume={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'bad'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode != 0 and (res.stdout + res.stderr).count("FileNotFoundError: resume: no journal") == 2
     # a Hydra multirun: its jobs run one after the other in the same processes (one process group)
     cmd = [*cmd[:6], "-m", *common, f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1"]
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -333,15 +337,18 @@ def _journal(run_dir, rank=0):
 
 @pytest.fixture
 def counted_pairs(monkeypatch):
-    """The HPatches pairs evaluated (ids, in order); ``stop_at[0] = n`` interrupts the run (Ctrl-C) at the n-th."""
+    """The HPatches pairs evaluated (ids, in order); ``stop_at[0] = n`` interrupts the run (Ctrl-C) at the n-th;
+    ``stop_at[1]``: a set of pair ids that fail (a RuntimeError, recorded and scored as a failure)."""
     from dkm.benchmarks import HpatchesHomogBenchmark
 
-    real, calls, stop_at = HpatchesHomogBenchmark.evaluate_pair, [], [None]
+    real, calls, stop_at = HpatchesHomogBenchmark.evaluate_pair, [], [None, set()]
 
     def evaluate_pair(self, model, pair, ctx):
         calls.append(self.pair_id(pair))
         if len(calls) == stop_at[0]:
             raise KeyboardInterrupt
+        if self.pair_id(pair) in stop_at[1]:
+            raise RuntimeError("a flaky mount")
         return real(self, model, pair, ctx)
 
     monkeypatch.setattr(HpatchesHomogBenchmark, "evaluate_pair", evaluate_pair)
@@ -407,22 +414,98 @@ def test_resume_refuses_another_run_and_reevaluates_a_torn_last_record(tiny_hpat
 
     for overrides, match in [
         (["seed=1"], r"records.rank0.jsonl was written by a run that differs from this command in \['seed'\]"),
-        (["benchmark.num_samples=500"], r"differs from this command in \['protocol'\]"),
-        (["model.num_features=100"], r"differs from this command in \['model'\]"),
+        (["benchmark.num_samples=500"], r"differs from this command in \['protocol.num_samples'\] \(there: \[20000\]; "
+                                        r"here: \[500\]\)"),
+        (["model.num_features=100"], r"differs from this command in \['model.num_features'\]"),
     ]:
         with pytest.raises(ValueError, match=match):
             evaluate_benchmark(cfg_for(*common, *overrides, f"resume={cut}"), tmp_path / "other")
+    # what cannot change a record is not compared: 3 for the yaml's 3.0, a dtype SIFT does not have
+    calls.clear()
+    assert evaluate_benchmark(cfg_for(*common, "benchmark.ransac_thr=3", "dtype=float16", "precision_scope=network",
+                                      f"resume={tmp_path / 'resumed'}"), tmp_path / "same") == full
+    assert calls == []
     journal.write_text(lines[0] + lines[1].replace('"pair_id": "', '"pair_id": "v_x'))
     with pytest.raises(ValueError, match=r"recorded pair 0 as 'v_x.*this dataset lists 'v_a.* there"):
         evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "other")
     journal.write_text(lines[0] + "not json\n" + lines[2])
     with pytest.raises(ValueError, match=r"records.rank0.jsonl, line 2, is not a JSON record"):
         evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "other")
+    journal.write_text("".join(lines[:3]) + "not json either\n")  # a whole line (with its newline): not torn
+    with pytest.raises(ValueError, match=r"records.rank0.jsonl, line 4, is not a JSON record"):
+        evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "other")
     journal.write_text("".join(lines[1:3]))
     with pytest.raises(ValueError, match=r"does not start with the run's identity line"):
         evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "other")
-    with pytest.raises(FileNotFoundError, match=r"resume: no records.rank\*.jsonl in .*empty"):
+    journal.write_text(lines[0] + lines[1].replace('"pair_index": 0', '"pair_index": "0"'))
+    with pytest.raises(ValueError, match=r"line 2, is not a pair record \(no integer 'pair_index'\)"):
+        evaluate_benchmark(cfg_for(*common, f"resume={cut}"), tmp_path / "other")
+    with pytest.raises(FileNotFoundError, match=r"resume: no journal \(records.rank<k>.jsonl\) in .*empty"):
         evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'empty'}"), tmp_path / "other")
     with pytest.raises(ValueError, match="merge= and resume= together"):
         evaluate_benchmark(cfg_for(*common, f"resume={cut}", f"merge=[{tmp_path / 'full'}]"), tmp_path / "other")
-    assert len(calls) == 2 and not (tmp_path / "other" / "metrics.json").exists()  # all refused before any pair
+    with pytest.raises(ValueError, match=r"resume=\[.*\]: expected true \(this run directory\) or one run directory"):
+        evaluate_benchmark(cfg_for(*common, f"resume=[{cut},{cut}]"), tmp_path / "other")
+    calls.clear()
+    assert calls == [] and not (tmp_path / "other" / "metrics.json").exists()  # all refused before any pair
+
+
+def test_resume_true_continues_the_run_directory_and_devices_follow_their_records(tiny_hpatches, tmp_path,
+                                                                                    counted_pairs):
+    """``resume=true hydra.run.dir=D``, the command a requeued job repeats: a first start evaluates every pair,
+    a restart only the rest. Without resume= an interrupted run's journals in D are refused, not replaced.
+    metrics.json's resumed devices are those of the records used, through a chain of resumes."""
+    calls, stop_at = counted_pairs
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=1500", f"data_root={tiny_hpatches}",
+              "progress=false"]
+    run = tmp_path / "run"
+    stop_at[0] = 2
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_benchmark(cfg_for(*common, "resume=true"), run)  # a first start: nothing to resume
+    assert len(_journal(run)) == 1 + 1
+    with pytest.raises(ValueError, match=r"holds the journals of an interrupted evaluation \(records.rank0.jsonl\): "
+                                         r"resume=true continues it"):
+        evaluate_benchmark(cfg_for(*common), run)
+    assert len(_journal(run)) == 1 + 1  # left as it was
+    calls.clear()
+    stop_at[0] = None
+    full = evaluate_benchmark(cfg_for(*common, "resume=true"), run)
+    assert calls == ["v_a/1-3", "v_a/1-4", "v_a/1-5", "v_a/1-6"] and len(_journal(run)) == 1 + 5
+    result = json.loads((run / "metrics.json").read_text())
+    assert result["resumed"] == {"from": str(run), "num_pairs": 1, "devices": ["cpu"]}
+    assert result["versions"]["torch"] == torch.__version__ and "opencv" in result["versions"]
+    assert evaluate_benchmark(cfg_for(*common), run) == full  # a finished run may be run again from scratch
+
+    # pair 0 made on another device (edited header); resumed twice: it keeps its device
+    lines = (run / "records.rank0.jsonl").read_text().splitlines(keepends=True)
+    header = json.loads(lines[0]) | {"device": "cuda:0"}
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "records.rank0.jsonl").write_text(json.dumps(header) + "\n" + lines[1])
+    (tmp_path / "gpu" / "records.rank1.jsonl").write_text("")  # a rank that died before its first line: ignored
+    evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'gpu'}", "subset=0:2"), tmp_path / "r1")
+    evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'r1'}"), tmp_path / "r2")
+    evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'r2'}", "subset=2:5"), tmp_path / "r3")
+    resumed = {d: json.loads((tmp_path / d / "metrics.json").read_text())["resumed"] for d in ("r1", "r2", "r3")}
+    assert resumed["r1"]["devices"] == ["cuda:0"] and resumed["r1"]["num_pairs"] == 1
+    assert resumed["r2"]["devices"] == ["cpu", "cuda:0"] and resumed["r2"]["num_pairs"] == 2
+    assert resumed["r3"]["devices"] == ["cpu"] and resumed["r3"]["num_pairs"] == 3
+    assert _records(tmp_path / "r2") == _records(run)
+
+
+def test_resume_keeps_failed_pairs_unless_asked_to_retry_them(tiny_hpatches, tmp_path, counted_pairs):
+    calls, stop_at = counted_pairs
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=1500", f"data_root={tiny_hpatches}",
+              "progress=false"]
+    full = evaluate_benchmark(cfg_for(*common), tmp_path / "full")
+    stop_at[1] = {"v_a/1-3"}
+    flaky = evaluate_benchmark(cfg_for(*common), tmp_path / "flaky")
+    assert flaky["num_failed"] == 1 and flaky != full
+    stop_at[1] = set()
+    calls.clear()
+    assert evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'flaky'}"), tmp_path / "kept") == flaky
+    assert calls == []
+    assert evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'flaky'}", "resume_retry_failed=true"),
+                              tmp_path / "retried") == full
+    assert calls == ["v_a/1-3"] and _records(tmp_path / "retried") == _records(tmp_path / "full")
+    assert [r["pair_index"] for r in _journal(tmp_path / "retried")[1:]] == [0, 2, 3, 4, 1]  # the failure not carried
+    assert json.loads((tmp_path / "retried" / "metrics.json").read_text())["resumed"]["num_pairs"] == 4
