@@ -21,6 +21,7 @@ from .models.zoo import build_model
 from .utils.distributed import all_ranks, gather_records, launched_group, launched_ranks, object_group, slurm_step_tasks
 from .utils.distributed import shard as shard_indices
 from .utils.files import atomic_write_text
+from .utils.versions import software_versions
 
 log = logging.getLogger(__name__)
 
@@ -503,34 +504,6 @@ def open_journal(out_dir: Path, header: dict, resumed: list[dict], origins: Mapp
     if journal is None:
         journal = RecordJournal(journal_path(out_dir, rank), header, default=_json_default)
     return journal
-
-
-def software_versions() -> dict:
-    """The versions that can change a record: dkm (and its git commit, ``+dirty`` with uncommitted
-    changes, in a checkout), torch, torchvision, OpenCV, poselib, kornia, numpy."""
-    import importlib
-    import subprocess
-
-    from . import __version__
-
-    versions = {"dkm": __version__, "dkm_git": None}
-    repo = Path(__file__).resolve().parents[1]
-    if (repo / ".git").exists():
-        try:
-            sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 timeout=10).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--", "dkm"],
-                                   capture_output=True, timeout=10).returncode != 0
-            versions["dkm_git"] = (sha + ("+dirty" if dirty else "")) or None
-        except (OSError, subprocess.SubprocessError):
-            pass
-    for name, module in (("torch", "torch"), ("torchvision", "torchvision"), ("opencv", "cv2"),
-                         ("poselib", "poselib"), ("kornia", "kornia"), ("numpy", "numpy")):
-        try:
-            versions[name] = getattr(importlib.import_module(module), "__version__", None)
-        except ImportError:
-            versions[name] = None
-    return versions
 
 
 def _json_default(v):

@@ -1,6 +1,7 @@
 """The body of ``train.py``: config -> DataModule, LightningModule, logger, callbacks, Trainer."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..data.datamodules import DKMDataModule
+from ..utils.versions import software_versions
 from .callbacks import build_benchmark_callbacks
 from .checkpoint_io import AtomicCheckpointIO
 from .loggers import build_logger
@@ -158,8 +160,10 @@ def train(cfg: DictConfig, out_dir) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
+    versions = software_versions()
     if rank_zero_only.rank == 0:  # (every rank runs this under srun or torchrun)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (out_dir / "versions.json").write_text(json.dumps(versions, indent=2))
     data = DKMDataModule(**OmegaConf.to_container(cfg.data.module, resolve=True), seed=cfg.seed)
     data.setup("fit")  # a missing or partial dataset tree fails here, before any training
     bench_callbacks = build_benchmark_callbacks(cfg.get("callbacks") or {}, seed=cfg.seed)  # checks data roots
@@ -170,7 +174,7 @@ def train(cfg: DictConfig, out_dir) -> dict:
                                 channels_last=cfg.channels_last)
     trainer, best = build_trainer(cfg, out_dir, bench_callbacks)
     if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
-        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True) | {"versions": versions})
     trainer.fit(module, datamodule=data, ckpt_path=resume_path(out_dir, cfg.ckpt_path))
     return {"module": module, "trainer": trainer, "last_ckpt": out_dir / "checkpoints" / "last.ckpt",
             "best_ckpt": (best.best_model_path or None) if best is not None else None, "out_dir": out_dir}
