@@ -26,7 +26,12 @@ log = logging.getLogger("evaluate")
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    out_dir = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
+    hydra_cfg = hydra.core.hydra_config.HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.get("resume") is True and not any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+                                             for o in hydra_cfg.overrides.hydra):
+        log.warning("resume=true continues this run's own directory, but no hydra.run.dir= was given: this run "
+                    "has a new one (%s), with nothing to resume; give hydra.run.dir=<the run's directory>", out_dir)
     if launched_ranks()[0] > 0:
         tag_log_records(launched_ranks()[0])
     if cfg.keep_freed_memory:

@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .benchmarks import BENCHMARKS, dedup_records
-from .evaluation_journal import RecordJournal, fsync_dir, journal_path, journals_in, read_journals
+from .evaluation_journal import (RecordJournal, lookup, canonical, differences, fsync_dir, journal_path,
+                                 journals_in, read_journals)
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
 from .utils.distributed import all_ranks, gather_records, launched_group, launched_ranks, object_group, slurm_step_tasks
@@ -160,7 +161,7 @@ def load_records(run_dirs) -> list[dict]:
     return dedup_records(records)
 
 
-def load_run_metadata(run_dirs) -> dict:
+def load_run_metadata(run_dirs: list) -> dict:
     """What the merged runs (``metrics.json`` of each) agree on: the benchmark's pair count, model
     config, checkpoint and its sha256. Runs of other checkpoints or protocols are refused."""
     metas = []
@@ -171,14 +172,18 @@ def load_run_metadata(run_dirs) -> dict:
         metas.append(_read_json(f))
     for m in metas:
         m["protocol"] = comparable_protocol(m.get("protocol"))
-    out = {}
-    for key in ("benchmark", "num_pairs_in_benchmark", "model", "checkpoint", "checkpoint_sha256", "dtype",
-                "precision_scope", "protocol", "seed"):
-        values = {json.dumps(m.get(key), sort_keys=True) for m in metas}
-        if len(values) > 1:
-            raise ValueError(f"merge: the runs differ in {key!r} ({sorted(values)[:3]}); merge runs of one model, "
-                             "one benchmark protocol and one seed only")
-        out[key] = metas[0].get(key)
+    idents = [identity_of(m.get("benchmark"), m.get("protocol"), m.get("seed"), m.get("model") or {},
+                          m.get("checkpoint_sha256"), m.get("dtype", "float32"), m.get("precision_scope", "refiners"))
+              | {"num_pairs_in_benchmark": m.get("num_pairs_in_benchmark")} for m in metas]
+    for d, ident in zip(run_dirs[1:], idents[1:]):
+        differ = list(differences(canonical(idents[0]), canonical(ident)))
+        if differ:
+            first = [lookup(idents[0], k) for k in differ]
+            raise ValueError(f"merge: the runs differ in {differ} ({run_dirs[0]}: {first}; {d}: "
+                             f"{[lookup(ident, k) for k in differ]}); merge runs of one model, one benchmark protocol "
+                             "and one seed only")
+    out = {key: metas[0].get(key) for key in ("benchmark", "num_pairs_in_benchmark", "model", "checkpoint",
+                                               "checkpoint_sha256", "dtype", "precision_scope", "protocol", "seed")}
     out["dataset_warnings"] = sorted({w for m in metas for w in m.get("dataset_warnings") or []})
     out["versions"] = [json.loads(v) for v in sorted({json.dumps(m.get("versions"), sort_keys=True) for m in metas})]
     return out
@@ -248,6 +253,7 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
     bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=cfg.limit,
                             index=not merging)  # a missing or incomplete dataset fails here, early
     if merging:
+        refuse_interrupted_run(out_dir)  # (its metrics.json would make the journals look finished)
         records, run = merged_records(cfg, bench)
     else:
         records, run = evaluated_records(cfg, bench, out_dir, rank, world, local_rank, gather_group)
@@ -269,8 +275,8 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
         "num_ranks": world,
         "devices": run.get("devices"),
         "model_settings": run.get("model_settings"),
-        "dtype": cfg.dtype,
-        "precision_scope": cfg.get("precision_scope", "refiners"),
+        "dtype": run.get("dtype", cfg.dtype),  # (merge=: the runs')
+        "precision_scope": run.get("precision_scope", cfg.get("precision_scope", "refiners")),
         "limit": cfg.limit,
         "dataset_warnings": run["dataset_warnings"],
         "subset": OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset"),
@@ -293,12 +299,12 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
 def merged_records(cfg, bench) -> tuple[list[dict], dict]:
     """``merge=``: the selected pairs' records of the runs named, and what those runs' ``metrics.json``
     agree on (model, checkpoint, pair count, dataset warnings; ``missing_pairs`` with ``merge_partial``)."""
-    meta = load_run_metadata(cfg.merge)
+    meta = load_run_metadata(list(cfg.merge))
     if meta["benchmark"] not in (None, bench.name):
         raise ValueError(f"merge: the runs are of benchmark {meta['benchmark']!r}, not {bench.name!r}")
     given = comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True))
-    if meta["protocol"] is not None and given != meta["protocol"]:
-        differ = sorted(k for k in set(given) | set(meta["protocol"]) if given.get(k) != meta["protocol"].get(k))
+    differ = [] if meta["protocol"] is None else list(differences(canonical(given), canonical(meta["protocol"])))
+    if differ:
         raise ValueError(f"merge: the runs were evaluated with another protocol than benchmark={bench.name} "
                          f"gives here (differs in {differ}); merge with the runs' benchmark config")
     if meta["seed"] is not None and meta["seed"] != cfg.seed:
@@ -319,7 +325,8 @@ def merged_records(cfg, bench) -> tuple[list[dict], dict]:
     versions = meta["versions"][0] if len(meta["versions"]) == 1 else meta["versions"]
     if len(meta["versions"]) > 1:
         log.warning("merge: the runs were made with different software versions: %s", meta["versions"])
-    return records, {"versions": versions, "model": meta["model"], "checkpoint": meta["checkpoint"],
+    return records, {"versions": versions, "dtype": meta["dtype"], "precision_scope": meta["precision_scope"],
+                     "model": meta["model"], "checkpoint": meta["checkpoint"],
                      "checkpoint_sha256": meta["checkpoint_sha256"], "dataset_warnings": meta["dataset_warnings"],
                      "num_pairs_in_benchmark": num_listed, "missing_pairs": missing}
 
@@ -331,6 +338,7 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
     ones) and the run's facts for ``metrics.json`` (model, checkpoint, devices, resolutions, ...)."""
     num_listed = bench.num_listed
     indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
+    run_dir = out_dir  # where the outputs and every rank's journal go: rank 0's run directory
     if world > 1:  # every rank must mean the same pairs by the same indices (node-local copies may differ)
         listed = hashlib.sha1("\n".join(bench.pair_id(p) for p in bench.pairs()).encode()).hexdigest()
         seen = all_ranks((num_listed, len(bench), listed, str(out_dir)), gather_group)
@@ -338,9 +346,11 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
             raise ValueError("the ranks list different pairs (" + "; ".join(
                 f"rank {r}: {n} listed, {k} kept, ids {h[:8]}" for r, (n, k, h, _) in enumerate(seen))
                 + "): give every rank the same dataset tree")
+        run_dir = Path(seen[0][3])
         if rank == 0 and len({s[3] for s in seen}) > 1:
-            log.warning("the ranks' Hydra run directories differ (%s): rank 0 writes the outputs into %s; give "
-                        "hydra.run.dir so that all share one", sorted({s[3] for s in seen}), out_dir)
+            log.warning("the ranks' Hydra run directories differ (%s): rank 0 writes the outputs and every rank "
+                        "its journal into %s; give hydra.run.dir so that all share one", sorted({s[3] for s in seen}),
+                        run_dir)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
     scope = cfg.get("precision_scope", "refiners")
@@ -358,18 +368,18 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
     elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
         log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
     identity = run_identity(cfg, bench, model_cfg, ckpt_hash)
-    resume_dir = resume_directory(cfg.get("resume"), out_dir)
-    resumed, origins, resumed_versions = prior_records(resume_dir, out_dir, identity, bench, rank, world, gather_group)
+    resume_dir = resume_directory(cfg.get("resume"), run_dir)
+    resumed, origins, resumed_from = prior_records(resume_dir, run_dir, identity, bench, rank, world, gather_group)
     if cfg.get("resume_retry_failed", False):  # pairs recorded as failed (e.g. a full GPU, a flaky mount) run again
         retried = {r["pair_index"] for r in resumed if r.get("failed")} & set(indices)
         resumed = [r for r in resumed if r["pair_index"] not in retried]
     done = {r["pair_index"] for r in resumed} & set(indices)  # the selected pairs the resumed run recorded
-    versions = software_versions()
-    if rank == 0 and resumed and resumed_versions and resumed_versions != versions:
-        changed = sorted(k for k in set(versions) | set(resumed_versions) if versions.get(k) != resumed_versions.get(k))
-        log.warning("resume: the journals in %s were written with other software versions (%s: %s, now %s); "
-                    "their records are kept", resume_dir, changed, [resumed_versions.get(k) for k in changed],
-                    [versions.get(k) for k in changed])
+    versions = software_versions() if rank == 0 else None  # (rank 0 writes the outputs)
+    versions = all_ranks(versions, gather_group)[0]
+    used_versions = [json.loads(v) for v in sorted({json.dumps(origins[i]["versions"], sort_keys=True) for i in done})]
+    if rank == 0 and any(v != versions for v in used_versions):
+        log.warning("resume: records of %s were made with other software versions (%s; now %s); they are kept",
+                    resumed_from, [v for v in used_versions if v != versions], versions)
 
     if world > 1 and local_rank > 0:  # each node's first process first: a download lands in its cache once
         torch.distributed.barrier()
@@ -386,21 +396,21 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
         log.warning(note)
     log.info("evaluating %s on %s (%d of %d pairs) on %s, internal resolution %s, upsampling pass %s",
              model_cfg.get("arch"), bench.name, len(indices), num_listed, device, resolution, upsample_res)
-    if resume_dir is not None:
+    if resumed_from is not None:
         log.info("resume: %d of the %d pairs have a record in %s; evaluating the other %d", len(done),
-                 len(indices), resume_dir, len(indices) - len(done))
+                 len(indices), resumed_from, len(indices) - len(done))
     mine = shard_indices([i for i in indices if i not in done], rank, world)
     if world > 1:
         log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices) - len(done))
 
     header = {"identity": identity, "device": str(device), "rank": rank, "world": world, "versions": versions}
-    with open_journal(out_dir, header, resumed, origins, rank, world, gather_group) as journal:
+    with open_journal(run_dir, header, resumed, origins, rank, world, gather_group) as journal:
         try:
             records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0, on_record=journal.write)
         except BaseException:
             log.error("stopped after %d pairs of this process, journaled in %s: resume=%s (or, with "
                       "hydra.run.dir=%s, resume=true) evaluates the others", journal.num_written, journal.path,
-                      out_dir, out_dir)
+                      run_dir, run_dir)
             raise
     carried = [r for r in resumed if r["pair_index"] in done] if rank == 0 else []
     records = gather_records(records + carried, group=gather_group)  # every rank's, every pair once, by index
@@ -411,24 +421,30 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
         "model_settings": {k: v for k, v in bench.model_settings().items() if hasattr(model, k)},
         "effective_resolution": resolution, "effective_upsample_res": upsample_res,
         "versions": versions,
-        "resumed": None if resume_dir is None else {
-            "from": str(resume_dir), "num_pairs": len(done), "devices": sorted({origins[i] for i in done})}}
+        "resumed": None if resumed_from is None else {
+            "from": str(resumed_from), "num_pairs": len(done),
+            "devices": sorted({str(origins[i]["device"]) for i in done}), "versions": used_versions}}
+
+
+def identity_of(benchmark, protocol, seed, model_cfg: Mapping, ckpt_hash, dtype, precision_scope) -> dict:
+    """What decides a pair's record (journals of another identity are not resumed, runs of another
+    identity not merged): benchmark, protocol (without the data root), seed, the model config (with a
+    checkpoint file its sha256 instead of the path and of how the weights were found) and, for DKM
+    models, the dtype (and the precision scope where the dtype is reduced)."""
+    ignored = {"weights"} | ({"pretrained", "backbone_weights"} if ckpt_hash else set())
+    identity = {"benchmark": benchmark, "protocol": comparable_protocol(protocol), "seed": seed,
+                "model": {k: v for k, v in dict(model_cfg).items() if k not in ignored}, "checkpoint_sha256": ckpt_hash}
+    if model_cfg.get("arch") != "sift":  # (SIFT has no reduced precision)
+        identity["dtype"] = dtype
+        if dtype != "float32":
+            identity["precision_scope"] = precision_scope
+    return identity
 
 
 def run_identity(cfg, bench, model_cfg: dict, ckpt_hash: str | None) -> dict:
-    """What decides a pair's record (a journal of another identity cannot be resumed): benchmark,
-    protocol (without the data root), seed, the model config (with a checkpoint file, its sha256
-    instead of the path and of how the weights were found) and, for DKM models, the precision."""
-    ignored = {"weights"} | ({"pretrained", "backbone_weights"} if ckpt_hash else set())
-    identity = {"benchmark": bench.name,
-                "protocol": comparable_protocol(OmegaConf.to_container(cfg.benchmark, resolve=True)),
-                "seed": cfg.seed, "model": {k: v for k, v in model_cfg.items() if k not in ignored},
-                "checkpoint_sha256": ckpt_hash}
-    if model_cfg.get("arch") != "sift":  # (SIFT has no reduced precision)
-        identity["dtype"] = cfg.dtype
-        if cfg.dtype != "float32":
-            identity["precision_scope"] = cfg.get("precision_scope", "refiners")
-    return identity
+    """:func:`identity_of` this command."""
+    return identity_of(bench.name, OmegaConf.to_container(cfg.benchmark, resolve=True), cfg.seed, model_cfg,
+                       ckpt_hash, cfg.dtype, cfg.get("precision_scope", "refiners"))
 
 
 def resume_directory(resume, out_dir: Path) -> Path | None:
@@ -443,25 +459,34 @@ def resume_directory(resume, out_dir: Path) -> Path | None:
     return Path(resume)
 
 
+def refuse_interrupted_run(run_dir: Path) -> None:
+    """Stop if ``run_dir`` holds the journals of an interrupted evaluation (journals, no metrics.json:
+    a finished run's metrics.json is removed when a new run starts there), which a run into it would
+    replace."""
+    found = journals_in(run_dir)
+    if found and not (run_dir / "metrics.json").exists():
+        raise ValueError(f"{run_dir} holds the journals of an interrupted evaluation "
+                         f"({', '.join(p.name for p in found)}): resume=true continues it; remove them (or choose "
+                         "another hydra.run.dir) to start again")
+
+
 def prior_records(resume_dir: Path | None, out_dir: Path, identity: Mapping, bench, rank: int, world: int,
-                  group) -> tuple[list[dict], dict[int, str], dict]:
-    """The records journaled in ``resume_dir`` (all of them), the device of each (by pair index) and
-    the versions they were made with, read by rank 0 and passed to every rank. Resuming this run's own
-    directory before it has a journal (a job's first start) starts afresh. Refused, on every rank:
-    journals of another identity, records whose pair id is not the one this dataset lists at their
-    index, and, without ``resume=``, the journals of an interrupted run in ``out_dir`` (they would be
-    replaced)."""
-    def read() -> tuple[list[dict], dict[int, str], dict]:
+                  group) -> tuple[list[dict], dict[int, dict], Path | None]:
+    """The records journaled in ``resume_dir`` (all of them), the origin of each (by pair index:
+    ``{"device", "versions"}``) and the directory they came from (``None``: nothing resumed), read by
+    rank 0 and passed to every rank. Resuming this run's own directory before it has a journal (a
+    job's first start) starts afresh. Refused, on every rank: journals of another identity, records
+    whose pair id is not the one this dataset lists at their index, and an interrupted run's journals
+    in ``out_dir`` that this run would replace (``out_dir`` is not the one resumed)."""
+    def read() -> tuple[list[dict], dict[int, dict], Path | None]:
         own = resume_dir is not None and resume_dir.resolve() == out_dir.resolve()
+        if not own:
+            refuse_interrupted_run(out_dir)
         if resume_dir is None or (own and not journals_in(out_dir)):
-            if resume_dir is None and journals_in(out_dir) and not (out_dir / "metrics.json").exists():
-                raise ValueError(f"{out_dir} holds the journals of an interrupted evaluation "
-                                 f"({', '.join(p.name for p in journals_in(out_dir))}): resume=true continues it; "
-                                 "remove them (or choose another hydra.run.dir) to start again")
             if own:
                 log.info("resume: %s has no journal yet; evaluating every pair", out_dir)
-            return [], {}, {}
-        records, origins, versions = read_journals(resume_dir, identity)
+            return [], {}, None
+        records, origins = read_journals(resume_dir, identity)
         pairs = bench.pairs()
         wrong = [r for r in records
                  if r["pair_index"] < len(pairs) and r.get("pair_id") != bench.pair_id(pairs[r["pair_index"]])]
@@ -470,39 +495,43 @@ def prior_records(resume_dir: Path | None, out_dir: Path, identity: Mapping, ben
             raise ValueError(f"resume: {resume_dir} recorded pair {i} as {wrong[0].get('pair_id')!r}, this dataset "
                              f"lists {bench.pair_id(pairs[i])!r} there ({len(wrong)} such pairs): resume with the "
                              "dataset tree that run evaluated")
-        return records, origins, versions
+        return records, origins, resume_dir
 
     if world == 1:
         return read()
-    payload = None
+    payload, error = None, None
     if rank == 0:
         try:
             payload = read()
         except Exception as e:  # raised on every rank below, not on rank 0 alone
-            payload = e
+            payload = error = e
     payload = all_ranks(payload, group)[0]
+    if error is not None:
+        raise error
     if isinstance(payload, BaseException):
         raise payload
     return payload
 
 
-def open_journal(out_dir: Path, header: dict, resumed: list[dict], origins: Mapping[int, str], rank: int,
+def open_journal(run_dir: Path, header: dict, resumed: list[dict], origins: Mapping[int, dict], rank: int,
                  world: int, group) -> RecordJournal:
-    """This process's journal in ``out_dir``. Rank 0 writes its own first, durably (with the ``resumed``
-    records, so that this run's journals hold all its records, whatever directory it resumed), then
-    removes the other journals there (of an earlier run into the same directory); the other ranks open
-    theirs after that."""
+    """This process's journal in ``run_dir`` (rank 0's run directory, for every rank). Rank 0 writes its
+    own first, durably (with the ``resumed`` records, so that this run's journals hold all its records,
+    whatever directory it resumed), then removes the other journals there and the outputs of an earlier
+    finished run (so that journals without metrics.json always mean an interrupted run); the other
+    ranks open theirs after that."""
     journal = None
     if rank == 0:
-        journal = RecordJournal(journal_path(out_dir, 0), header, resumed, origins, default=_json_default)
-        for stale in journals_in(out_dir):
-            if stale != journal.path:
+        journal = RecordJournal(journal_path(run_dir, 0), header, resumed, origins, default=_json_default)
+        for stale in [*journals_in(run_dir), *(run_dir / n for n in ("metrics.json", "records.json", "pairs.csv"))]:
+            if stale != journal.path and stale.exists():
                 stale.unlink()
-        fsync_dir(out_dir)
+        fsync_dir(run_dir)
     if world > 1:
         all_ranks(None, group)  # (a barrier)
     if journal is None:
-        journal = RecordJournal(journal_path(out_dir, rank), header, default=_json_default)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        journal = RecordJournal(journal_path(run_dir, rank), header, default=_json_default)
     return journal
 
 

@@ -4,12 +4,12 @@ Every process of ``evaluate.py`` appends each pair's record, the moment it is sc
 line to ``records.rank<k>.jsonl`` in the run directory (flushed and fsync'ed: a killed process loses
 at most the line it was writing). The first line is the header: the run's identity (what decides a
 record: benchmark, protocol, seed, model config, checkpoint sha256, precision), the device, the
-software versions, and the devices of records carried over from a resumed run. ``resume=`` reads a
+software versions, and where the records carried over from a resumed run were made. ``resume=`` reads a
 directory's journals, refuses them if their identity differs from the command's, and evaluates only
 the pairs without a record; since every pair is seeded by its index, the resumed run's records and
 metrics are those of an uninterrupted one.
 
-    {"identity": {...}, "device": "cuda:0", "rank": 0, "world": 4, "versions": {...}, "carried": {}}
+    {"identity": {...}, "device": "cuda:0", "rank": 0, "world": 4, "versions": {...}, "carried": []}
     {"pair_index": 0, "pair_id": "...", "failed": false, ...}
     ...
 """
@@ -66,17 +66,21 @@ class RecordJournal:
         path: the journal file (replaced, durably: written anew with ``header`` and ``records`` first).
         header: the first line, ``{"identity": ..., "device": ..., ...}``.
         records: records carried over from a resumed run, written after the header; ``origins`` maps
-            their pair indices to the devices that made them (kept in the header as ``carried``).
+            their pair indices to ``{"device", "versions"}`` of the run that made them (kept in the header
+            as ``carried``: a list of those with their ``pair_indices``).
         default: JSON encoder for values ``json`` does not know (numpy scalars, arrays).
     """
 
-    def __init__(self, path, header: Mapping, records: Iterable[dict] = (), origins: Mapping[int, str] | None = None,
+    def __init__(self, path, header: Mapping, records: Iterable[dict] = (), origins: Mapping[int, dict] | None = None,
                  default: Callable = str):
         self.path, self._default, self.num_written = Path(path), default, 0
-        records, carried = list(records), {}
-        for r in records:
-            carried.setdefault(str((origins or {}).get(r["pair_index"])), []).append(r["pair_index"])
-        text = "".join(_line(obj, default) for obj in [dict(header) | {"carried": carried}, *records])
+        records, groups = list(records), {}
+        for r in records:  # records grouped by origin (device and versions)
+            origin = (origins or {}).get(r["pair_index"], {"device": None, "versions": None})
+            key = json.dumps(origin, sort_keys=True, default=str)
+            groups.setdefault(key, dict(origin) | {"pair_indices": []})["pair_indices"].append(r["pair_index"])
+        head = dict(header) | {"carried": list(groups.values())}
+        text = "".join(_line(obj, default) for obj in [head, *records])
         atomic_write(self.path, lambda f: f.write(text.encode("utf-8")), fsync=True)
         fsync_dir(self.path.parent)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -147,15 +151,16 @@ def differences(a, b, prefix: str = "") -> Iterator[str]:
             yield key
 
 
-def _lookup(d: Mapping, dotted: str):
+def lookup(d: Mapping, dotted: str):
+    """``d[a][b]`` for ``"a.b"`` (``None`` where absent)."""
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, Mapping) else None
     return d
 
 
-def read_journals(run_dir, identity: Mapping) -> tuple[list[dict], dict[int, str], dict]:
-    """The records in ``run_dir``'s journals (one per pair index, sorted), the device that made each
-    (by pair index) and the software versions of the first journal's header.
+def read_journals(run_dir, identity: Mapping) -> tuple[list[dict], dict[int, dict]]:
+    """The records in ``run_dir``'s journals (one per pair index, sorted) and the origin of each (by
+    pair index): ``{"device", "versions"}`` of the run that made it.
 
     Raises:
         FileNotFoundError: ``run_dir`` has no journal (an empty one, of a run that stopped before its
@@ -169,8 +174,7 @@ def read_journals(run_dir, identity: Mapping) -> tuple[list[dict], dict[int, str
                                 "writes them as it goes; runs made by merge= have none)")
     want = canonical(identity)
     records: dict[int, dict] = {}
-    origins: dict[int, str] = {}
-    versions: dict | None = None
+    origins: dict[int, dict] = {}
     for path in paths:
         read = _read_journal(path)
         if read is None:
@@ -179,13 +183,14 @@ def read_journals(run_dir, identity: Mapping) -> tuple[list[dict], dict[int, str
         differ = list(differences(want, canonical(header["identity"])))
         if differ:
             raise ValueError(f"resume: {path} was written by a run that differs from this command in {differ} "
-                             f"(there: {[_lookup(header['identity'], k) for k in differ]}; here: "
-                             f"{[_lookup(identity, k) for k in differ]}); resume with that run's settings, or start "
+                             f"(there: {[lookup(header['identity'], k) for k in differ]}; here: "
+                             f"{[lookup(identity, k) for k in differ]}); resume with that run's settings, or start "
                              "a new run")
-        versions = header.get("versions") if versions is None else versions
-        carried = {int(i): device for device, indices in (header.get("carried") or {}).items() for i in indices}
+        own = {"device": header.get("device"), "versions": header.get("versions")}
+        carried = {int(i): {"device": g.get("device"), "versions": g.get("versions")}
+                   for g in header.get("carried") or [] for i in g.get("pair_indices", [])}
         for r in recs:
             if r["pair_index"] not in records:
                 records[r["pair_index"]] = r
-                origins[r["pair_index"]] = carried.get(r["pair_index"], str(header.get("device")))
-    return [records[k] for k in sorted(records)], origins, versions or {}
+                origins[r["pair_index"]] = carried.get(r["pair_index"], own)
+    return [records[k] for k in sorted(records)], origins

@@ -74,7 +74,7 @@ def test_shards_merge_to_the_full_run(tiny_hpatches, tmp_path):
         (tmp_path / "torn" / name).write_text((tmp_path / "s1" / name).read_text()[:40])
     with pytest.raises(ValueError, match=r"merge: .*torn/(metrics|records)\.json is not valid JSON"):
         evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 'torn'}]"), tmp_path / "m4")
-    with pytest.raises(ValueError, match="differ in 'model'"):
+    with pytest.raises(ValueError, match=r"differ in \[.*'model.arch'"):
         other = json.loads((tmp_path / "s1" / "metrics.json").read_text())
         (tmp_path / "s1" / "metrics.json").write_text(json.dumps(other | {"model": {"arch": "dkm_base"}}))
         evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"), tmp_path / "merged3")
@@ -95,9 +95,9 @@ def test_merge_refuses_shards_of_other_protocols_or_seeds(tiny_hpatches, tmp_pat
     evaluate_benchmark(cfg_for(*common, "shard=1/2", "benchmark.num_samples=1000"), tmp_path / "s1")
     evaluate_benchmark(cfg_for(*common, "shard=1/2", "seed=5"), tmp_path / "s1_seed")
     evaluate_benchmark(cfg_for(*common, "shard=1/2"), tmp_path / "s1_same")
-    with pytest.raises(ValueError, match="differ in 'protocol'"):
+    with pytest.raises(ValueError, match=r"differ in \['protocol.num_samples'\] \(.*s0: \[20000\]; .*s1: \[1000\]\)"):
         evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"), tmp_path / "m1")
-    with pytest.raises(ValueError, match="differ in 'seed'"):
+    with pytest.raises(ValueError, match=r"differ in \['seed'\]"):
         evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 's1_seed'}]"), tmp_path / "m2")
     with pytest.raises(ValueError, match=r"another protocol .*num_samples"):
         evaluate_benchmark(cfg_for(*common, "benchmark.num_samples=1000",
@@ -378,7 +378,8 @@ def test_an_interrupted_run_resumes_to_the_records_of_an_uninterrupted_one(tiny_
     resumed = evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'cut'}"), tmp_path / "resumed")
     assert len(calls) == 3 and resumed == full and _records(tmp_path / "resumed") == _records(tmp_path / "full")
     result = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert result["resumed"] == {"from": str(tmp_path / "cut"), "num_pairs": 2, "devices": ["cpu"]}
+    assert result["resumed"] == {"from": str(tmp_path / "cut"), "num_pairs": 2, "devices": ["cpu"],
+                                 "versions": [result["versions"]]}
     assert json.loads((tmp_path / "full" / "metrics.json").read_text())["resumed"] is None
     assert len(_journal(tmp_path / "resumed")) == 1 + 5  # the carried records too: this run can be resumed in turn
 
@@ -472,7 +473,7 @@ def test_resume_true_continues_the_run_directory_and_devices_follow_their_record
     full = evaluate_benchmark(cfg_for(*common, "resume=true"), run)
     assert calls == ["v_a/1-3", "v_a/1-4", "v_a/1-5", "v_a/1-6"] and len(_journal(run)) == 1 + 5
     result = json.loads((run / "metrics.json").read_text())
-    assert result["resumed"] == {"from": str(run), "num_pairs": 1, "devices": ["cpu"]}
+    assert result["resumed"] == {"from": str(run), "num_pairs": 1, "devices": ["cpu"], "versions": [result["versions"]]}
     assert result["versions"]["torch"] == torch.__version__ and "opencv" in result["versions"]
     assert evaluate_benchmark(cfg_for(*common), run) == full  # a finished run may be run again from scratch
 
@@ -509,3 +510,74 @@ def test_resume_keeps_failed_pairs_unless_asked_to_retry_them(tiny_hpatches, tmp
     assert calls == ["v_a/1-3"] and _records(tmp_path / "retried") == _records(tmp_path / "full")
     assert [r["pair_index"] for r in _journal(tmp_path / "retried")[1:]] == [0, 2, 3, 4, 1]  # the failure not carried
     assert json.loads((tmp_path / "retried" / "metrics.json").read_text())["resumed"]["num_pairs"] == 4
+
+
+def test_no_run_replaces_an_interrupted_runs_journals_and_carried_records_keep_their_versions(
+        tiny_hpatches, tmp_path, counted_pairs, caplog):
+    calls, stop_at = counted_pairs
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=1500", f"data_root={tiny_hpatches}",
+              "progress=false"]
+    d = tmp_path / "d"
+    full = evaluate_benchmark(cfg_for(*common), d)
+    calls.clear()
+    stop_at[0] = 2  # a finished run's directory, run again and interrupted: its old outputs are gone
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_benchmark(cfg_for(*common, "model.num_features=100"), d)
+    assert not any((d / n).exists() for n in ("metrics.json", "records.json", "pairs.csv"))
+    stop_at[0] = None
+    for overrides in ([], [f"resume={tmp_path / 'elsewhere'}"], [f"merge=[{tmp_path / 'elsewhere'}]"]):
+        with pytest.raises(ValueError, match="holds the journals of an interrupted evaluation"):
+            evaluate_benchmark(cfg_for(*common, *overrides), d)
+    assert _journal(d)[0]["identity"]["model"]["num_features"] == 100  # untouched
+
+    # resume=true on a first start resumes nothing (metrics.json as a plain run's); merged runs' precision
+    # and values compared as values (3 = 3.0; SIFT has no dtype to differ in)
+    assert evaluate_benchmark(cfg_for(*common, "resume=true", "shard=0/2"), tmp_path / "s0") != full
+    assert json.loads((tmp_path / "s0" / "metrics.json").read_text())["resumed"] is None
+    evaluate_benchmark(cfg_for(*common, "shard=1/2", "benchmark.ransac_thr=3", "dtype=float16"), tmp_path / "s1")
+    assert evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"), tmp_path / "m") == full
+
+    # a record's versions travel with it through a chain of resumes
+    lines = (tmp_path / "s0" / "records.rank0.jsonl").read_text().splitlines(keepends=True)
+    old = json.loads(lines[0])
+    old["versions"] = old["versions"] | {"torch": "1.0-old"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "records.rank0.jsonl").write_text(json.dumps(old) + "\n" + "".join(lines[1:]))
+    evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'a'}", "subset=0:4"), tmp_path / "b")
+    assert "were made with other software versions" in caplog.text
+    caplog.clear()
+    evaluate_benchmark(cfg_for(*common, f"resume={tmp_path / 'b'}"), tmp_path / "c")
+    resumed = json.loads((tmp_path / "c" / "metrics.json").read_text())["resumed"]
+    assert sorted(v["torch"] for v in resumed["versions"]) == sorted(["1.0-old", torch.__version__])
+    assert resumed["num_pairs"] == 5 and "were made with other software versions" in caplog.text
+    assert _records(tmp_path / "c") == _records(tmp_path / "m")  # = the uninterrupted run's
+
+
+def test_git_commit_is_that_of_the_checkout_tracking_the_package(tmp_path, monkeypatch):
+    import subprocess
+
+    from dkm.utils.versions import git_commit
+
+    def git(repo, *args):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+
+    repo, pkg = tmp_path / "repo", tmp_path / "repo" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    git(repo, "init", "-q")
+    assert git_commit(pkg) is None  # no commit yet
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "x")
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert git_commit(pkg) == sha
+    (pkg / "new.py").write_text("")  # untracked files count
+    assert git_commit(pkg) == sha + "+dirty"
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "nowhere"))  # the environment's git variables are not used
+    assert git_commit(pkg) == sha + "+dirty"
+    other = tmp_path / "repo" / "untracked_pkg"  # a package copied, untracked, into some other checkout
+    other.mkdir()
+    (other / "__init__.py").write_text("")
+    assert git_commit(other) is None
+    assert git_commit(tmp_path / "plain" / "pkg") is None  # not a checkout

@@ -12,6 +12,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..data.datamodules import DKMDataModule
+from ..utils.files import atomic_write_text
 from ..utils.versions import software_versions
 from .callbacks import build_benchmark_callbacks
 from .checkpoint_io import AtomicCheckpointIO
@@ -155,15 +156,25 @@ def resume_path(out_dir: Path, ckpt_path: str | None) -> str | None:
     return ckpt_path
 
 
+def record_versions(path: Path) -> dict:
+    """The software versions of this start of training, appended to the list in ``path`` (one entry
+    per start with other versions than the last: a run resumed after an upgrade keeps both)."""
+    versions = software_versions()
+    history = json.loads(path.read_text()) if path.exists() else []
+    if not history or history[-1] != versions:
+        atomic_write_text(path, json.dumps([*history, versions], indent=2))
+    return versions
+
+
 def train(cfg: DictConfig, out_dir) -> dict:
     """Fit (or resume with ``cfg.ckpt_path``); returns paths of what was written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-    versions = software_versions()
+    versions = {}
     if rank_zero_only.rank == 0:  # (every rank runs this under srun or torchrun)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (out_dir / "versions.json").write_text(json.dumps(versions, indent=2))
+        versions = record_versions(out_dir / "versions.json")
     data = DKMDataModule(**OmegaConf.to_container(cfg.data.module, resolve=True), seed=cfg.seed)
     data.setup("fit")  # a missing or partial dataset tree fails here, before any training
     bench_callbacks = build_benchmark_callbacks(cfg.get("callbacks") or {}, seed=cfg.seed)  # checks data roots
