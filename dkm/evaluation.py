@@ -15,13 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from .benchmarks import BENCHMARKS, dedup_records
-from .evaluation_journal import (RecordJournal, lookup, canonical, differences, fsync_dir, journal_path,
-                                 journals_in, read_journals)
+from .evaluation_journal import RecordJournal, canonical, differences, journal_path, journals_in, lookup, read_journals
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
 from .utils.distributed import all_ranks, gather_records, launched_group, launched_ranks, object_group, slurm_step_tasks
 from .utils.distributed import shard as shard_indices
-from .utils.files import atomic_write_text
+from .utils.files import atomic_write_text, fsync_dir
 from .utils.versions import software_versions
 
 log = logging.getLogger(__name__)

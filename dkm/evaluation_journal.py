@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
-from .utils.files import atomic_write
+from .utils.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +39,6 @@ def journals_in(run_dir) -> list[Path]:
     found = [(int(m.group(1)), p) for p in Path(run_dir).glob("records.rank*.jsonl")
              if (m := JOURNAL_NAME.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
-
-
-def fsync_dir(path) -> None:
-    """Make the renames and removals in directory ``path`` durable (POSIX; a no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _line(obj, default: Callable) -> str:

@@ -28,3 +28,17 @@ def atomic_write(path, write: Callable[[BinaryIO], None], fsync: bool = False) -
 def atomic_write_text(path, text: str) -> None:
     """:func:`atomic_write` of ``text`` (UTF-8; newlines written as given)."""
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def fsync_dir(path) -> None:
+    """Make the renames and removals in directory ``path`` durable (POSIX; a no-op where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
