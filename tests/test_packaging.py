@@ -13,6 +13,7 @@ import pytest
 from setuptools import find_packages
 
 from dkm.evaluation import benchmark_config, build_benchmark, config_dir
+from synthetic_benchmarks import make_hpatches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,9 +36,11 @@ def test_benchmarks_by_config_name(tmp_path):
         build_benchmark("scannet_v3", tmp_path)
 
 
-def test_a_wheel_installs_the_configs(tmp_path):
-    """Build a wheel from a copy of the sources, install it into a folder of its own and, from elsewhere,
-    build a DKMv3 protocol by name from the installed configs."""
+@pytest.fixture(scope="module")
+def installed_wheel(tmp_path_factory):
+    """A wheel built from a copy of the sources, installed into a folder of its own: that folder
+    (``dkm/``, and the console scripts in ``bin/``)."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"  # (a copy: building in the checkout would leave build/ and egg-info there)
     src.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -52,15 +55,48 @@ def test_a_wheel_installs_the_configs(tmp_path):
     install = subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
                              capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stderr[-2000:]
-    installed = sorted(str(p.relative_to(tmp_path / "site" / "dkm" / "conf"))
-                       for p in (tmp_path / "site" / "dkm" / "conf").rglob("*.yaml"))
+    return tmp_path / "site"
+
+
+def _outside_the_checkout(site: Path) -> dict:
+    """The environment of a process that imports dkm from ``site`` only (not this checkout)."""
+    return {"PYTHONPATH": str(site), "PATH": f"{site / 'bin'}:/usr/bin:/bin", "HOME": str(site.parent)}
+
+
+def test_a_wheel_installs_the_configs(installed_wheel, tmp_path):
+    """From elsewhere, build a DKMv3 protocol by name from the installed configs."""
+    site = installed_wheel
+    installed = sorted(str(p.relative_to(site / "dkm" / "conf")) for p in (site / "dkm" / "conf").rglob("*.yaml"))
     assert installed == sorted(str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml"))
     probe = ("import json, dkm; from dkm.evaluation import build_benchmark, config_dir; "
              f"b = build_benchmark('megadepth1500_dkmv3', {str(tmp_path)!r}, index=False); "
              "print(json.dumps([dkm.__file__, str(config_dir()), list(b.resolution), b.num_samples]))")
     run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+                         env=_outside_the_checkout(site))
     assert run.returncode == 0, run.stderr[-2000:]
     file, conf, resolution, num_samples = json.loads(run.stdout.strip().splitlines()[-1])
-    assert file == str(tmp_path / "site" / "dkm" / "__init__.py") and conf == str(tmp_path / "site" / "dkm" / "conf")
+    assert file == str(site / "dkm" / "__init__.py") and conf == str(site / "dkm" / "conf")
     assert resolution == benchmark_config("megadepth1500_dkmv3")["resolution"] and num_samples == 5000
+
+
+def test_the_console_scripts_run_from_a_wheel(installed_wheel, tmp_path):
+    """``dkm-evaluate`` (= evaluate.py) evaluates SIFT on a generated HPatches tree and ``dkm-train``
+    (= train.py) composes the quickstart, both from the installed configs in a folder without a
+    checkout; outputs go below the working directory, the log file is named after the program."""
+    site = installed_wheel
+    make_hpatches(tmp_path / "hp", hw=(240, 320))
+    env = _outside_the_checkout(site)
+    run = subprocess.run([str(site / "bin" / "dkm-evaluate"), "benchmark=hpatches", "model=sift",
+                          f"data_root={tmp_path / 'hp'}", "limit=2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (run_dir,) = (tmp_path / "outputs" / "evaluate" / "hpatches").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["metrics"]["num_pairs"] == 2 and metrics["metrics"]["num_failed"] == 0
+    assert metrics["versions"]["dkm_git"] is None  # the installed copy, not this checkout's
+    assert (run_dir / "evaluate.log").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
+
+    cfg = subprocess.run([str(site / "bin" / "dkm-train"), "experiment=quickstart", "trainer.max_steps=7", "--cfg", "job"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert cfg.returncode == 0, cfg.stderr[-2000:]
+    assert "arch: dkm_small" in cfg.stdout and "max_steps: 7" in cfg.stdout
