@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -15,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .benchmarks import BENCHMARKS, dedup_records
+from .benchmarks.saved_matches import MATCHING_KEYS, SavedMatches, copy_saved_matches, save_matches
 from .evaluation_journal import RecordJournal, canonical, differences, journal_path, journals_in, lookup, read_journals
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
@@ -142,33 +144,34 @@ def select_indices(n: int, subset=None, shard=None) -> list[int]:
     return idx
 
 
-def _read_json(path: Path):
+def _read_json(path: Path, what: str = "merge"):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"merge: {path} is not valid JSON ({e}); re-run that evaluation") from e
+        raise ValueError(f"{what}: {path} is not valid JSON ({e}); re-run that evaluation") from e
 
 
-def load_records(run_dirs) -> list[dict]:
-    """Records of earlier runs (their ``records.json``), de-duplicated by ``pair_index``."""
+def load_records(run_dirs, what: str = "merge") -> list[dict]:
+    """Records of earlier runs (their ``records.json``), de-duplicated by ``pair_index``; ``what``
+    (the option reading them) begins the errors."""
     records = []
     for d in run_dirs:
         f = Path(d) / "records.json"
         if not f.exists():
-            raise FileNotFoundError(f"merge: {f} not found (written by every evaluate.py run)")
-        records += _read_json(f)
+            raise FileNotFoundError(f"{what}: {f} not found (written by every finished evaluate.py run)")
+        records += _read_json(f, what)
     return dedup_records(records)
 
 
-def load_run_metadata(run_dirs: list) -> dict:
-    """What the merged runs (``metrics.json`` of each) agree on: the benchmark's pair count, model
-    config, checkpoint and its sha256. Runs of other checkpoints or protocols are refused."""
+def load_run_metadata(run_dirs: list, what: str = "merge") -> dict:
+    """What the runs (``metrics.json`` of each) agree on: the benchmark's pair count, model config,
+    checkpoint and its sha256. Runs of other checkpoints or protocols are refused."""
     metas = []
     for d in run_dirs:
         f = Path(d) / "metrics.json"
         if not f.exists():
-            raise FileNotFoundError(f"merge: {f} not found (written by every evaluate.py run)")
-        metas.append(_read_json(f))
+            raise FileNotFoundError(f"{what}: {f} not found (written by every finished evaluate.py run)")
+        metas.append(_read_json(f, what))
     for m in metas:
         m["protocol"] = comparable_protocol(m.get("protocol"))
     idents = [identity_of(m.get("benchmark"), m.get("protocol"), m.get("seed"), m.get("model") or {},
@@ -178,8 +181,8 @@ def load_run_metadata(run_dirs: list) -> dict:
         differ = list(differences(canonical(idents[0]), canonical(ident)))
         if differ:
             first = [lookup(idents[0], k) for k in differ]
-            raise ValueError(f"merge: the runs differ in {differ} ({run_dirs[0]}: {first}; {d}: "
-                             f"{[lookup(ident, k) for k in differ]}); merge runs of one model, one benchmark protocol "
+            raise ValueError(f"{what}: the runs differ in {differ} ({run_dirs[0]}: {first}; {d}: "
+                             f"{[lookup(ident, k) for k in differ]}); give runs of one model, one benchmark protocol "
                              "and one seed only")
     out = {key: metas[0].get(key) for key in ("benchmark", "num_pairs_in_benchmark", "model", "checkpoint",
                                                "checkpoint_sha256", "dtype", "precision_scope", "protocol", "seed")}
@@ -227,6 +230,9 @@ def evaluate_benchmark(cfg, out_dir) -> dict:
     if cfg.get("merge") and cfg.get("resume"):
         raise ValueError("merge= and resume= together: merge= scores finished runs (their records.json), resume= "
                          "continues an interrupted one (its records.rank*.jsonl); give one of them")
+    if cfg.get("merge") and cfg.get("matches_from"):
+        raise ValueError("merge= and matches_from= together: merge= scores finished runs' records as they are, "
+                         "matches_from= estimates again from their saved matches; give one of them")
     if world > 1 and cfg.get("merge"):
         raise ValueError("merge= runs no model: run it as one process (python evaluate.py merge=...), not under torchrun")
     if world == 1 and slurm_step_tasks() > 1 and cfg.get("shard") is None and not cfg.get("merge"):
@@ -281,6 +287,7 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
         "subset": OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset"),
         "shard": cfg.get("shard"),
         "merged_from": [str(d) for d in cfg.merge] if merging else None,
+        "matches_from": run.get("matches_from"),
         "num_pairs_in_benchmark": run["num_pairs_in_benchmark"],
         "missing_pairs": run.get("missing_pairs", []),
         "resumed": run.get("resumed"),
@@ -355,18 +362,18 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
     scope = cfg.get("precision_scope", "refiners")
     if scope not in PRECISION_SCOPES:
         raise ValueError(f"precision_scope={scope!r}: expected one of {list(PRECISION_SCOPES)}")
-    model_cfg, ckpt, ckpt_hash = OmegaConf.to_container(cfg.model, resolve=True), cfg.ckpt, None
-    if ckpt is not None:
-        if model_cfg.get("arch") == "sift":
-            raise ValueError("ckpt= was given but model=sift has no weights; choose a DKM model (model=dkm_base)")
-        if not Path(ckpt).is_file():
-            raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
-        model_cfg = model_config_for(model_cfg, ckpt)
-    if model_cfg.get("weights"):
-        ckpt_hash = sha256_file(model_cfg["weights"])
-    elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
-        log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
-    identity = run_identity(cfg, bench, model_cfg, ckpt_hash)
+    if cfg.get("save_matches") and not bench.sparse_matching:
+        raise ValueError(f"save_matches=true: {bench.name} scores the dense warp, not sparse matches; only the "
+                         "sparse protocols (hpatches, scannet, yfcc, megadepth1500, ...) save matches")
+    replay = saved_matches_source(cfg, bench, indices) if cfg.get("matches_from") else None
+    if replay is not None:  # no model: the matches of the saved run, with its model, checkpoint and dtype
+        model_cfg, ckpt, ckpt_hash = replay["model"], replay["checkpoint"], replay["checkpoint_sha256"]
+        dtype, scope = replay["dtype"], replay["precision_scope"]
+    else:
+        model_cfg, ckpt, ckpt_hash = model_source(cfg)
+        dtype = cfg.dtype
+    identity = identity_of(bench.name, OmegaConf.to_container(cfg.benchmark, resolve=True), cfg.seed, model_cfg,
+                           ckpt_hash, dtype, scope)
     resume_dir = resume_directory(cfg.get("resume"), run_dir)
     resumed, origins, resumed_from = prior_records(resume_dir, run_dir, identity, bench, rank, world, gather_group)
     if cfg.get("resume_retry_failed", False):  # pairs recorded as failed (e.g. a full GPU, a flaky mount) run again
@@ -380,16 +387,20 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
         log.warning("resume: records of %s were made with other software versions (%s; now %s); they are kept",
                     resumed_from, [v for v in used_versions if v != versions], versions)
 
-    if world > 1 and local_rank > 0:  # each node's first process first: a download lands in its cache once
-        torch.distributed.barrier()
-    model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
-    if world > 1 and local_rank == 0:
-        torch.distributed.barrier()
-    device = resolve_device(cfg.device, local_rank if world > 1 else None)
-    model = model.to(device).eval()
-    if hasattr(model, "inference_dtype"):
-        model.inference_dtype, model.inference_precision_scope = DTYPES[cfg.dtype], scope
-    resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
+    if replay is not None:
+        model, device = replay["matcher"], torch.device("cpu")  # (the estimators run on the CPU)
+        resolution, upsample_res = replay["effective_resolution"], replay["effective_upsample_res"]
+    else:
+        if world > 1 and local_rank > 0:  # each node's first process first: a download lands in its cache once
+            torch.distributed.barrier()
+        model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
+        if world > 1 and local_rank == 0:
+            torch.distributed.barrier()
+        device = resolve_device(cfg.device, local_rank if world > 1 else None)
+        model = model.to(device).eval()
+        if hasattr(model, "inference_dtype"):
+            model.inference_dtype, model.inference_precision_scope = DTYPES[cfg.dtype], scope
+        resolution, upsample_res = bench.effective_resolution(model), bench.effective_upsample_res(model)
     notes = bench.completeness_warnings()  # how the dataset differs from the published one
     for note in notes if rank == 0 else ():
         log.warning(note)
@@ -398,6 +409,15 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
     if resumed_from is not None:
         log.info("resume: %d of the %d pairs have a record in %s; evaluating the other %d", len(done),
                  len(indices), resumed_from, len(indices) - len(done))
+    on_matches = None
+    if cfg.get("save_matches"):  # each pair's matches into <run dir>/matches/, those carried over by a resume too
+        on_matches = functools.partial(save_matches, run_dir, identity_json=json.dumps(identity, default=_json_default))
+        if rank == 0 and resumed_from is not None and resumed_from.resolve() != run_dir.resolve():
+            unsaved = copy_saved_matches(resumed_from, run_dir, sorted(done))
+            if unsaved:
+                log.warning("save_matches: %d of the %d pairs resumed from %s have no saved matches there (first: "
+                            "%s); matches_from=%s will refuse them", len(unsaved), len(done), resumed_from,
+                            unsaved[:10], run_dir)
     mine = shard_indices([i for i in indices if i not in done], rank, world)
     if world > 1:
         log.info("rank %d of %d: %d of the %d pairs", rank, world, len(mine), len(indices) - len(done))
@@ -405,7 +425,8 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
     header = {"identity": identity, "device": str(device), "rank": rank, "world": world, "versions": versions}
     with open_journal(run_dir, header, resumed, origins, rank, world, gather_group) as journal:
         try:
-            records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0, on_record=journal.write)
+            records = bench.evaluate_pairs(model, mine, progress=cfg.progress and rank == 0, on_record=journal.write,
+                                           on_matches=on_matches)
         except BaseException:
             log.error("stopped after %d pairs of this process, journaled in %s: resume=%s (or, with "
                       "hydra.run.dir=%s, resume=true) evaluates the others", journal.num_written, journal.path,
@@ -419,10 +440,77 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
         "devices": [str(d) for d in all_ranks(device, gather_group)],
         "model_settings": {k: v for k, v in bench.model_settings().items() if hasattr(model, k)},
         "effective_resolution": resolution, "effective_upsample_res": upsample_res,
-        "versions": versions,
+        "versions": versions, "dtype": dtype, "precision_scope": scope,
+        "matches_from": None if replay is None else [str(d) for d in replay["matcher"].run_dirs],
         "resumed": None if resumed_from is None else {
             "from": str(resumed_from), "num_pairs": len(done),
             "devices": sorted({str(origins[i]["device"]) for i in done}), "versions": used_versions}}
+
+
+def model_source(cfg) -> tuple[dict, str | None, str | None]:
+    """The model config to build (``cfg.model``, with ``cfg.ckpt`` as its weights and, for a ``.ckpt``
+    of train.py, the settings it was trained with), the checkpoint given and the weights' sha256."""
+    model_cfg, ckpt, ckpt_hash = OmegaConf.to_container(cfg.model, resolve=True), cfg.ckpt, None
+    if ckpt is not None:
+        if model_cfg.get("arch") == "sift":
+            raise ValueError("ckpt= was given but model=sift has no weights; choose a DKM model (model=dkm_base)")
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"ckpt={ckpt}: no such checkpoint file")
+        model_cfg = model_config_for(model_cfg, ckpt)
+    if model_cfg.get("weights"):
+        ckpt_hash = sha256_file(model_cfg["weights"])
+    elif model_cfg.get("arch") != "sift" and not model_cfg.get("pretrained"):
+        log.warning("no ckpt= and model.pretrained=false: evaluating an untrained %s", model_cfg.get("arch"))
+    return model_cfg, ckpt, ckpt_hash
+
+
+def saved_matches_source(cfg, bench, indices: list[int]) -> dict:
+    """``matches_from=<run dir or [run dirs]>``: the saved matches of those finished runs (one run, or
+    the shards of one) as a matcher, and what they were made with (model config, checkpoint, dtype,
+    resolution) for this run's identity and metrics.json. Refused: a dense protocol, another benchmark,
+    other values of the protocol keys that decide the matches (:data:`MATCHING_KEYS`), other pair ids,
+    selected pairs the runs did not evaluate or matched without saving."""
+    dirs = cfg.matches_from
+    dirs = [str(dirs)] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
+    if not bench.sparse_matching:
+        raise ValueError(f"matches_from=: {bench.name} scores the dense warp, not sparse matches")
+    if cfg.get("save_matches"):
+        raise ValueError("matches_from= with save_matches=true: the matches are saved already, in " + ", ".join(dirs))
+    meta = load_run_metadata(dirs, what="matches_from")  # (refuses runs that differ among themselves)
+    if meta["benchmark"] != bench.name:
+        raise ValueError(f"matches_from: {dirs} evaluated benchmark {meta['benchmark']!r}, not {bench.name!r}")
+    given = OmegaConf.to_container(cfg.benchmark, resolve=True)
+    saved = meta["protocol"] or {}
+    differ = [k for k in MATCHING_KEYS if canonical(given.get(k)) != canonical(saved.get(k))]
+    if differ:
+        raise ValueError(f"matches_from: the saved matches were made with {({k: saved.get(k) for k in differ})}, "
+                         f"this command gives {({k: given.get(k) for k in differ})}: those keys decide the matches; "
+                         "give the saved run's values (the others, e.g. RANSAC thresholds, may differ)")
+    records = load_records(dirs, what="matches_from")
+    pairs = bench.pairs()
+    wrong = [r for r in records if r["pair_index"] < len(pairs) and r["pair_id"] != bench.pair_id(pairs[r["pair_index"]])]
+    if wrong:
+        i = wrong[0]["pair_index"]
+        raise ValueError(f"matches_from: {dirs} recorded pair {i} as {wrong[0]['pair_id']!r}, this dataset lists "
+                         f"{bench.pair_id(pairs[i])!r} there: give the dataset tree those runs evaluated")
+    source = identity_of(meta["benchmark"], meta["protocol"], meta["seed"], meta["model"] or {},
+                         meta["checkpoint_sha256"], meta["dtype"], meta["precision_scope"])
+    matcher = SavedMatches(dirs, source, records)
+    unrecorded, unsaved = matcher.unusable(indices)
+    if unrecorded:
+        raise ValueError(f"matches_from: {len(unrecorded)} of the {len(indices)} selected pairs were not evaluated "
+                         f"by {dirs} (first: {unrecorded[:10]}); select the pairs they evaluated (subset=, limit=) "
+                         "or give the directories of all their shards")
+    if unsaved:
+        raise ValueError(f"matches_from: {len(unsaved)} of the {len(indices)} selected pairs have no saved matches "
+                         f"in {dirs} (first: {unsaved[:10]}); were they evaluated with save_matches=true? (a merge= "
+                         "run has none: give the shards' directories)")
+    first = _read_json(Path(dirs[0]) / "metrics.json").get("protocol") or {}
+    return {"matcher": matcher, "model": {"arch": "saved_matches", "source": source},
+            "checkpoint": meta["checkpoint"], "checkpoint_sha256": meta["checkpoint_sha256"],
+            "dtype": meta["dtype"], "precision_scope": meta["precision_scope"],
+            "effective_resolution": first.get("effective_resolution"),
+            "effective_upsample_res": first.get("effective_upsample_res")}
 
 
 def identity_of(benchmark, protocol, seed, model_cfg: Mapping, ckpt_hash, dtype, precision_scope) -> dict:
@@ -438,12 +526,6 @@ def identity_of(benchmark, protocol, seed, model_cfg: Mapping, ckpt_hash, dtype,
         if dtype != "float32":
             identity["precision_scope"] = precision_scope
     return identity
-
-
-def run_identity(cfg, bench, model_cfg: dict, ckpt_hash: str | None) -> dict:
-    """:func:`identity_of` this command."""
-    return identity_of(bench.name, OmegaConf.to_container(cfg.benchmark, resolve=True), cfg.seed, model_cfg,
-                       ckpt_hash, cfg.dtype, cfg.get("precision_scope", "refiners"))
 
 
 def resume_directory(resume, out_dir: Path) -> Path | None:

@@ -68,6 +68,9 @@ class PairBenchmark(ABC):
     """
 
     name = "benchmark"
+    #: whether the protocol scores sparse matches (:meth:`sparse_matches`), which an evaluation can
+    #: save and another score again (:mod:`.saved_matches`); the dense protocols score the warp itself
+    sparse_matching = False
 
     def __init__(self, data_root, *, seed: int = 0, num_samples: int = 10000, cycle_consistency: bool = False,
                  center: float = 0.5, limit: int | None = None, check: bool = True, resolution=None,
@@ -153,8 +156,11 @@ class PairBenchmark(ABC):
 
     def sparse_matches(self, model, im1, im2, ctx: dict) -> tuple[np.ndarray, np.ndarray]:
         """``(N, 4)`` normalized matches and ``(N,)`` certainties from a dense matcher
-        (``match`` + ``sample``) or a sparse one (``match_sparse``)."""
-        if hasattr(model, "match_sparse"):
+        (``match`` + ``sample``), a sparse one (``match_sparse``) or matches saved by an earlier run
+        (:class:`.saved_matches.SavedMatches`); handed to ``ctx["on_matches"]`` if set (saving them)."""
+        if hasattr(model, "saved_matches"):
+            m, c = model.saved_matches(ctx["pair_index"], ctx["pair_id"])
+        elif hasattr(model, "match_sparse"):
             m, c = model.match_sparse(im1, im2)
         else:
             dense, cert = model.match(im1, im2, check_cycle_consistency=self.cycle_consistency)
@@ -166,6 +172,8 @@ class PairBenchmark(ABC):
         if not np.isfinite(m).all():
             raise ValueError(f"the matcher returned {int((~np.isfinite(m)).any(axis=1).sum())} of {len(m)} "
                              "matches with NaN/inf coordinates (e.g. an overflow in reduced precision)")
+        if ctx.get("on_matches") is not None:
+            ctx["on_matches"](ctx["pair_index"], ctx["pair_id"], m, c)
         return m.astype(np.float64), c
 
     def to_pixels(self, matches: np.ndarray, hw1, hw2, center: float | None = None):
@@ -224,17 +232,19 @@ class PairBenchmark(ABC):
                              "cycle_consistency=false")
 
     def evaluate_pairs(self, model, indices=None, progress: bool = True,
-                       on_record: Callable[[dict], None] | None = None) -> list[dict]:
+                       on_record: Callable[[dict], None] | None = None,
+                       on_matches: Callable | None = None) -> list[dict]:
         """Records for the given pair indices (default: all), each seeded by its index, so any
         subset, order or split over processes gives the same record for a pair. ``on_record(record)``
-        is called as each pair is scored (``evaluate.py`` journals them there)."""
+        is called as each pair is scored (``evaluate.py`` journals them there), ``on_matches(pair_index,
+        pair_id, matches, certainty)`` as a sparse protocol has a pair's matches (``save_matches``)."""
         indices = range(len(self._pairs)) if indices is None else [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self._pairs)]
         if bad:
             raise IndexError(f"{self.name}: pair indices {bad[:10]} out of range [0, {len(self._pairs)})")
         self.check_model(model)
         with self.model_settings_applied(model):
-            return self._evaluate(model, indices, progress, on_record)
+            return self._evaluate(model, indices, progress, on_record, on_matches)
 
     def _seeded_context(self, i: int) -> dict:
         """The randomness of pair ``i``, seeded by ``(seed, i)`` (also OpenCV's global RNG, which its
@@ -243,14 +253,15 @@ class PairBenchmark(ABC):
         return {"generator": torch.Generator().manual_seed(self.seed * 1_000_003 + i),
                 "rng": np.random.default_rng([self.seed, i]), "seed": (self.seed, i)}
 
-    def _evaluate(self, model, indices, progress: bool, on_record=None) -> list[dict]:
+    def _evaluate(self, model, indices, progress: bool, on_record=None, on_matches=None) -> list[dict]:
         records = []
         for i in tqdm(indices, desc=self.name, disable=not progress, leave=False):
             pair = self._pairs[i]
+            known = {"pair_index": i, "pair_id": self.pair_id(pair), "on_matches": on_matches}
             t0 = time.perf_counter()
             try:
                 try:
-                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, self._seeded_context(i))
+                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, self._seeded_context(i) | known)
                 except torch.OutOfMemoryError as e:  # e.g. memory cached by training next to a validation loop:
                     log.warning("%s: pair %d (%s) ran out of memory (%s); retrying once with the allocator's "
                                 "cache emptied", self.name, i, self.pair_id(pair), str(e).splitlines()[0])
@@ -258,7 +269,7 @@ class PairBenchmark(ABC):
                     gc.collect()
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
-                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, self._seeded_context(i))
+                    rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, self._seeded_context(i) | known)
             except torch.AcceleratorError:  # a device error (e.g. a device-side assert) spoils every later pair
                 raise
             except Exception as e:  # recorded and scored, never fatal

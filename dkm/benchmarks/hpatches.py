@@ -90,6 +90,7 @@ class HpatchesHomogBenchmark(HpatchesSequences):
     """
 
     name = "hpatches"
+    sparse_matching = True
 
     def __init__(self, data_root, *, num_samples: int = 20000, cycle_consistency: bool = True,
                  center: float = 0.5, ransac_thr: float = 3.0, ransac_conf: float = 0.99999,

@@ -28,6 +28,8 @@ class RelativePoseBenchmark(PairBenchmark):
         auc_thresholds: degrees; also the ``map@t`` reported.
     """
 
+    sparse_matching = True
+
     def __init__(self, data_root, *, num_samples: int = 10000, cycle_consistency: bool = False,
                  center: float = 0.0, scale_side: str = "short", scale_to: float = 480.0,
                  principal_point: str = "calibration", threshold_px: float = 1.0, threshold_norm: str = "mean",
