@@ -187,6 +187,9 @@ def load_run_metadata(run_dirs: list, what: str = "merge") -> dict:
     out = {key: metas[0].get(key) for key in ("benchmark", "num_pairs_in_benchmark", "model", "checkpoint",
                                                "checkpoint_sha256", "dtype", "precision_scope", "protocol", "seed")}
     out["dataset_warnings"] = sorted({w for m in metas for w in m.get("dataset_warnings") or []})
+    for key in ("limit", "subset"):  # the selection the runs share (shards of one limited run), else None
+        values = {json.dumps(m.get(key)) for m in metas}
+        out[key] = json.loads(values.pop()) if len(values) == 1 else None
     out["versions"] = [json.loads(v) for v in sorted({json.dumps(m.get("versions"), sort_keys=True) for m in metas})]
     return out
 
@@ -282,9 +285,10 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
         "model_settings": run.get("model_settings"),
         "dtype": run.get("dtype", cfg.dtype),  # (merge=: the runs')
         "precision_scope": run.get("precision_scope", cfg.get("precision_scope", "refiners")),
-        "limit": cfg.limit,
+        "limit": run.get("limit", cfg.limit),
         "dataset_warnings": run["dataset_warnings"],
-        "subset": OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset"),
+        "subset": run.get("subset", OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset"))
+                          else cfg.get("subset")),
         "shard": cfg.get("shard"),
         "merged_from": [str(d) for d in cfg.merge] if merging else None,
         "matches_from": run.get("matches_from"),
@@ -316,8 +320,12 @@ def merged_records(cfg, bench) -> tuple[list[dict], dict]:
     if meta["seed"] is not None and meta["seed"] != cfg.seed:
         raise ValueError(f"merge: the runs used seed={meta['seed']}, this command seed={cfg.seed}")
     num_listed = int(meta["num_pairs_in_benchmark"])
-    indices = select_indices(num_listed if cfg.limit is None else min(num_listed, int(cfg.limit)),
-                             cfg.get("subset"), cfg.get("shard"))
+    # without limit=/subset= of its own, a merge selects what its runs did (shards of a limit=100 run)
+    limit = cfg.limit if cfg.limit is not None else meta["limit"]
+    subset = cfg.get("subset") if cfg.get("subset") is not None else meta["subset"]
+    if (limit, subset) != (cfg.limit, cfg.get("subset")):
+        log.info("merge: the runs selected limit=%s, subset=%s; merging that selection", limit, subset)
+    indices = select_indices(num_listed if limit is None else min(num_listed, int(limit)), subset, cfg.get("shard"))
     wanted = set(indices)
     records = [r for r in load_records(cfg.merge) if r["pair_index"] in wanted]
     missing = sorted(wanted - {r["pair_index"] for r in records})
@@ -332,6 +340,7 @@ def merged_records(cfg, bench) -> tuple[list[dict], dict]:
     if len(meta["versions"]) > 1:
         log.warning("merge: the runs were made with different software versions: %s", meta["versions"])
     return records, {"versions": versions, "dtype": meta["dtype"], "precision_scope": meta["precision_scope"],
+                     "limit": limit, "subset": subset,
                      "model": meta["model"], "checkpoint": meta["checkpoint"],
                      "checkpoint_sha256": meta["checkpoint_sha256"], "dataset_warnings": meta["dataset_warnings"],
                      "num_pairs_in_benchmark": num_listed, "missing_pairs": missing}
@@ -372,6 +381,11 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
     else:
         model_cfg, ckpt, ckpt_hash = model_source(cfg)
         dtype = cfg.dtype
+        if model_cfg.get("arch") == "sift":  # OpenCV's SIFT: on the CPU, in float32, whatever was asked
+            if cfg.dtype != "float32" or cfg.device not in ("auto", "cpu"):
+                log.warning("model=sift runs OpenCV on the CPU in float32: dtype=%s, device=%s do not apply",
+                            cfg.dtype, cfg.device)
+            dtype = scope = None
     identity = identity_of(bench.name, OmegaConf.to_container(cfg.benchmark, resolve=True), cfg.seed, model_cfg,
                            ckpt_hash, dtype, scope)
     resume_dir = resume_directory(cfg.get("resume"), run_dir)
@@ -396,7 +410,7 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
         model = build_model(model_cfg)  # weights loaded strictly by dkm.models.zoo.load_weights
         if world > 1 and local_rank == 0:
             torch.distributed.barrier()
-        device = resolve_device(cfg.device, local_rank if world > 1 else None)
+        device = torch.device("cpu") if dtype is None else resolve_device(cfg.device, local_rank if world > 1 else None)
         model = model.to(device).eval()
         if hasattr(model, "inference_dtype"):
             model.inference_dtype, model.inference_precision_scope = DTYPES[cfg.dtype], scope

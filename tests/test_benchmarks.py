@@ -519,6 +519,12 @@ def test_check_reads_homographies_and_selections_must_select(tmp_path):
     oracle = OracleMatcher(center=0.5)
     records = HpatchesHomogBenchmark(root, **protocol("hpatches")).evaluate_pairs(oracle, [2], progress=False)
     assert records[0]["failed"] and "H_1_4: expected a 3x3 homography" in records[0]["reason"]
+    # a NaN or singular one: the same (it used to be scored inf as a pair that had not failed, without a reason)
+    for text in ("1 0 0\n0 nan 0\n0 0 1\n", "1 0 0\n0 0 0\n0 0 1\n"):
+        (root / "hpatches-sequences-release" / "v_a" / "H_1_4").write_text(text)
+        assert any("H_1_4: expected a finite, invertible 3x3 homography" in p for p in check_tree("hpatches", root)[1])
+        (rec,) = HpatchesHomogBenchmark(root, **protocol("hpatches")).evaluate_pairs(oracle, [2], progress=False)
+        assert rec["failed"] and "H_1_4: expected a finite, invertible" in rec["reason"]
     with pytest.raises(ValueError, match="no pairs"):
         HpatchesHomogBenchmark(root, sequences="i")  # only v_ sequences here
     with pytest.raises(ValueError, match="'all', 'v'"):

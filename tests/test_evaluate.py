@@ -86,6 +86,27 @@ def test_shards_merge_to_the_full_run(tiny_hpatches, tmp_path):
         assert "1 of 59 v_" in res["dataset_warnings"][0]  # a one-sequence HPatches tree, noted
 
 
+def test_merge_selects_what_its_shards_selected(tiny_hpatches, tmp_path):
+    """Shards of a ``limit=``/``subset=`` run merge without repeating it (the runs' metrics.json say
+    it); a merge command's own selection still wins. SIFT records no dtype and runs on the CPU."""
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=500", f"data_root={tiny_hpatches}",
+              "progress=false"]
+    full = evaluate_benchmark(cfg_for(*common, "limit=4", "dtype=bfloat16"), tmp_path / "full")
+    res = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert (res["dtype"], res["precision_scope"], res["device"]) == (None, None, "cpu") and res["limit"] == 4
+    for k in range(2):
+        evaluate_benchmark(cfg_for(*common, "limit=4", f"shard={k}/2"), tmp_path / f"s{k}")
+    shards = f"merge=[{tmp_path / 's0'},{tmp_path / 's1'}]"
+    assert evaluate_benchmark(cfg_for(*common, shards), tmp_path / "m") == full
+    assert json.loads((tmp_path / "m" / "metrics.json").read_text())["limit"] == 4
+    assert evaluate_benchmark(cfg_for(*common, shards, "subset=[1,2]"), tmp_path / "m2")["num_pairs"] == 2
+    for k in range(2):
+        evaluate_benchmark(cfg_for(*common, "subset=[4,0,3]", f"shard={k}/2"), tmp_path / f"t{k}")
+    merged = evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 't0'},{tmp_path / 't1'}]"), tmp_path / "m3")
+    assert merged == evaluate_benchmark(cfg_for(*common, "subset=[4,0,3]"), tmp_path / "direct")
+    assert json.loads((tmp_path / "m3" / "metrics.json").read_text())["subset"] == [4, 0, 3]
+
+
 def test_merge_refuses_shards_of_other_protocols_or_seeds(tiny_hpatches, tmp_path):
     """Shards evaluated with another protocol (same benchmark name and pair count) or seed, or merged
     with a protocol other than theirs, are refused: their records would not be one evaluation."""

@@ -95,6 +95,8 @@ def test_float_and_32_bit_images_are_read_by_their_range_or_refused():
         load_image(Image.fromarray(np.full((8, 8), 10**6, dtype=np.int32), "I"))
     with pytest.raises(ValueError, match=r"PIL image: cannot convert image mode La to RGB"):
         load_image(Image.new("La", (8, 8)))
+    with pytest.raises(IsADirectoryError, match="is a directory, not an image file"):
+        load_image(pathlib.Path(__file__).parent)
 
 
 def test_internal_resolution_and_original_resolution(small, rgb):
@@ -246,7 +248,7 @@ def test_sample_is_weighted_reproducible_and_thresholded():
     assert isinstance(m5, np.ndarray) and m5.shape == (10, 4)
     # a negative count, or matches that are not rows of 4 (e.g. channels first), are refused
     for bad in (-1, 2.5):
-        with pytest.raises(ValueError, match=rf"sample\(num={bad}\): expected a count >= 0"):
+        with pytest.raises(ValueError, match=rf"sample\(num={bad}\): expected a whole number >= 0"):
             zoo.RegressionMatcher.sample(matches, cert, bad)
     with pytest.raises(ValueError, match=r"matches of shape \(4, 40, 50\); expected \(\.\.\., 4\)"):
         zoo.RegressionMatcher.sample(matches.permute(2, 0, 1), cert, 10)
@@ -301,6 +303,11 @@ def test_weights_loading_checks_keys_and_accepts_lightning_ckpt(small, tmp_path)
     assert "missing" in msg and "decoder.proj.32.weight" in msg
     assert "unexpected" in msg and "decoder.extra" in msg
     assert "decoder.proj.16.weight" in msg and "(1, 1, 1, 1)" in msg
+    assert "These are the weights of" not in msg  # (no architecture has these keys)
+    # the weights of another architecture: named, with the option that builds it
+    with pytest.raises(ValueError, match=r"w.pth does not fit .*These are the weights of dkm_small: build that "
+                                         r"architecture \(model=dkm_small on the command line\)"):
+        build_model({"arch": "dkm_base", "weights": str(path), "pretrained": False})
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         dkm_small(weights=tmp_path / "nope.pth")
 

@@ -38,6 +38,22 @@ def test_state_dict_keys_shapes_and_order_match_release(keys):
     assert sum(p.numel() for p in model.parameters()) == 61_698_621
 
 
+def test_the_official_key_lists_name_their_architectures(keys, fixtures_dir):
+    """A checkpoint loaded into the wrong architecture is told which one it fits: by the release's key lists."""
+    import torch
+
+    from dkm.models.zoo import architectures_fitting
+
+    def meta(entries):
+        return {n: torch.empty(s, device="meta") for n, s, _ in entries}
+
+    assert architectures_fitting(meta(keys)) == ["dkm_base"]
+    v3 = fixtures_dir / "dkmv3_keys.json"
+    if v3.exists():
+        assert architectures_fitting(meta(json.loads(v3.read_text()))) == ["dkmv3_outdoor", "dkmv3_indoor"]
+    assert architectures_fitting(meta(keys[1:])) == []
+
+
 def test_synthetic_weights_follow_fixture_recipe(keys, ref):
     sd = synthetic_state_dict({n: s for n, s, _ in keys}, seed=0)
     assert state_dict_digest(sd) == V11_DIGEST

@@ -47,7 +47,8 @@ def check_tree(name: str, root, open_images: bool = True) -> tuple[int, list[str
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m dkm.benchmarks.check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=sorted(BENCHMARKS))
     p.add_argument("root")
     p.add_argument("--no-images", action="store_true", help="check the index files only")

@@ -71,6 +71,8 @@ class HpatchesSequences(PairBenchmark):
             raise ValueError(f"{path}: not a text matrix ({e})") from e
         if H.shape != (3, 3):
             raise ValueError(f"{path}: expected a 3x3 homography, got shape {H.shape}")
+        if not np.isfinite(H).all() or abs(np.linalg.det(H)) < 1e-12:
+            raise ValueError(f"{path}: expected a finite, invertible 3x3 homography, got {H.tolist()}")
         return H
 
     def check_pair(self, pair) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 

@@ -462,7 +462,7 @@ class RegressionMatcher(nn.Module):
             mode = self.sample_mode if self is not None else "proportional"
         thresh = self.sample_thresh if self is not None else 0.05
         if isinstance(num, bool) or int(num) != num or num < 0:
-            raise ValueError(f"sample(num={num!r}): expected a count >= 0")
+            raise ValueError(f"sample(num={num!r}): expected a whole number >= 0")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"sample(generator={generator!r}): expected a torch.Generator, "
                             "e.g. torch.Generator().manual_seed(0), or None")

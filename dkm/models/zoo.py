@@ -224,6 +224,19 @@ def check_state_dict(model: nn.Module, state_dict: Mapping, name: str = "checkpo
         raise ValueError(f"{name} does not fit this model ({type(model).__name__}): " + "; ".join(parts))
 
 
+def architectures_fitting(state_dict: Mapping) -> list[str]:
+    """The :data:`ARCHITECTURES` whose parameters have the names and shapes of ``state_dict``'s (built
+    on the ``meta`` device: no memory, no download)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    fits = []
+    for arch, kwargs in ARCHITECTURES.items():
+        with torch.device("meta"):
+            ref = build_dkm(**kwargs).state_dict()
+        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+            fits.append(arch)
+    return fits
+
+
 def load_weights(model: nn.Module, weights, assign: bool = False) -> nn.Module:
     """Load a checkpoint strictly into ``model``: a path to an upstream ``.pth`` state_dict or to a
     Lightning ``.ckpt`` of this project, or an in-memory state_dict. ``assign=True`` adopts the
@@ -232,7 +245,14 @@ def load_weights(model: nn.Module, weights, assign: bool = False) -> nn.Module:
         name, sd = str(weights), _read_state_dict(weights)
     else:
         name, sd = "state_dict", _unwrap(weights, "state_dict")
-    check_state_dict(model, sd, name)
+    try:
+        check_state_dict(model, sd, name)
+    except ValueError as e:
+        fits = architectures_fitting(sd)
+        if not fits:
+            raise
+        raise ValueError(f"{e}. These are the weights of {' or '.join(fits)}: build that architecture "
+                         f"({', '.join(f'model={a}' for a in fits)} on the command line)") from None
     if assign:  # contiguous float32 copies only where needed (e.g. a checkpoint saved in half precision)
         ref = model.state_dict()
         sd = {k: v if v.dtype == ref[k].dtype and v.is_contiguous() else v.to(ref[k].dtype).contiguous()

@@ -33,6 +33,8 @@ def load_image(im) -> Image.Image:
     if isinstance(im, (str, PathLike)):
         path = Path(im)
         name = str(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory, not an image file")
         if not path.is_file():
             raise FileNotFoundError(f"image file not found: {path}")
         try:
