@@ -16,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .benchmarks import BENCHMARKS, dedup_records
-from .benchmarks.saved_matches import MATCHING_KEYS, SavedMatches, copy_saved_matches, save_matches
+from .benchmarks.saved_matches import (MATCHING_KEYS, SavedMatches, copy_saved_matches, remove_saved_matches,
+                                       save_matches)
 from .evaluation_journal import RecordJournal, canonical, differences, journal_path, journals_in, lookup, read_journals
 from .models.matcher import PRECISION_SCOPES
 from .models.zoo import build_model
@@ -187,6 +188,8 @@ def load_run_metadata(run_dirs: list, what: str = "merge") -> dict:
     out = {key: metas[0].get(key) for key in ("benchmark", "num_pairs_in_benchmark", "model", "checkpoint",
                                                "checkpoint_sha256", "dtype", "precision_scope", "protocol", "seed")}
     out["dataset_warnings"] = sorted({w for m in metas for w in m.get("dataset_warnings") or []})
+    sources = sorted({d for m in metas for d in m.get("matches_from") or []})
+    out["matches_from"] = sources or None
     for key in ("limit", "subset"):  # the selection the runs share (shards of one limited run), else None
         values = {json.dumps(m.get(key)) for m in metas}
         out[key] = json.loads(values.pop()) if len(values) == 1 else None
@@ -340,7 +343,7 @@ def merged_records(cfg, bench) -> tuple[list[dict], dict]:
     if len(meta["versions"]) > 1:
         log.warning("merge: the runs were made with different software versions: %s", meta["versions"])
     return records, {"versions": versions, "dtype": meta["dtype"], "precision_scope": meta["precision_scope"],
-                     "limit": limit, "subset": subset,
+                     "limit": limit, "subset": subset, "matches_from": meta["matches_from"],
                      "model": meta["model"], "checkpoint": meta["checkpoint"],
                      "checkpoint_sha256": meta["checkpoint_sha256"], "dataset_warnings": meta["dataset_warnings"],
                      "num_pairs_in_benchmark": num_listed, "missing_pairs": missing}
@@ -374,7 +377,7 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
     if cfg.get("save_matches") and not bench.sparse_matching:
         raise ValueError(f"save_matches=true: {bench.name} scores the dense warp, not sparse matches; only the "
                          "sparse protocols (hpatches, scannet, yfcc, megadepth1500, ...) save matches")
-    replay = saved_matches_source(cfg, bench, indices) if cfg.get("matches_from") else None
+    replay = saved_matches_source(cfg, bench, indices, run_dir) if cfg.get("matches_from") else None
     if replay is not None:  # no model: the matches of the saved run, with its model, checkpoint and dtype
         model_cfg, ckpt, ckpt_hash = replay["model"], replay["checkpoint"], replay["checkpoint_sha256"]
         dtype, scope = replay["dtype"], replay["precision_scope"]
@@ -427,7 +430,8 @@ def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_ra
     if cfg.get("save_matches"):  # each pair's matches into <run dir>/matches/, those carried over by a resume too
         on_matches = functools.partial(save_matches, run_dir, identity_json=json.dumps(identity, default=_json_default))
         if rank == 0 and resumed_from is not None and resumed_from.resolve() != run_dir.resolve():
-            unsaved = copy_saved_matches(resumed_from, run_dir, sorted(done))
+            failed = {r["pair_index"] for r in resumed if r.get("failed")}  # (may have failed before matching)
+            unsaved = [i for i in copy_saved_matches(resumed_from, run_dir, sorted(done)) if i not in failed]
             if unsaved:
                 log.warning("save_matches: %d of the %d pairs resumed from %s have no saved matches there (first: "
                             "%s); matches_from=%s will refuse them", len(unsaved), len(done), resumed_from,
@@ -478,21 +482,33 @@ def model_source(cfg) -> tuple[dict, str | None, str | None]:
     return model_cfg, ckpt, ckpt_hash
 
 
-def saved_matches_source(cfg, bench, indices: list[int]) -> dict:
+def saved_matches_source(cfg, bench, indices: list[int], run_dir: Path) -> dict:
     """``matches_from=<run dir or [run dirs]>``: the saved matches of those finished runs (one run, or
     the shards of one) as a matcher, and what they were made with (model config, checkpoint, dtype,
     resolution) for this run's identity and metrics.json. Refused: a dense protocol, another benchmark,
-    other values of the protocol keys that decide the matches (:data:`MATCHING_KEYS`), other pair ids,
-    selected pairs the runs did not evaluate or matched without saving."""
+    other values of the protocol keys that decide the matches (:data:`MATCHING_KEYS`) or of the seed
+    (it seeds the draw of the matches and the estimators), other pair ids, selected pairs the runs did
+    not evaluate or matched without saving, files of another run, and ``run_dir`` being one of them."""
     dirs = cfg.matches_from
     dirs = [str(dirs)] if isinstance(dirs, (str, Path)) else [str(d) for d in dirs]
     if not bench.sparse_matching:
         raise ValueError(f"matches_from=: {bench.name} scores the dense warp, not sparse matches")
     if cfg.get("save_matches"):
         raise ValueError("matches_from= with save_matches=true: the matches are saved already, in " + ", ".join(dirs))
+    if any(Path(d).resolve() == Path(run_dir).resolve() for d in dirs):
+        raise ValueError(f"matches_from={run_dir} into its own directory would replace the saved run's outputs: "
+                         "give this run another hydra.run.dir")
     meta = load_run_metadata(dirs, what="matches_from")  # (refuses runs that differ among themselves)
     if meta["benchmark"] != bench.name:
         raise ValueError(f"matches_from: {dirs} evaluated benchmark {meta['benchmark']!r}, not {bench.name!r}")
+    if cfg.get("ckpt") is not None and (not Path(cfg.ckpt).is_file() or sha256_file(cfg.ckpt) != meta["checkpoint_sha256"]):
+        raise ValueError(f"matches_from: ckpt={cfg.ckpt} is not the checkpoint that made the saved matches "
+                         f"({meta['checkpoint']}, sha256 {meta['checkpoint_sha256']}); matches_from= runs no model: "
+                         "leave ckpt= out")
+    if meta["seed"] is not None and meta["seed"] != cfg.seed:
+        raise ValueError(f"matches_from: the saved matches were drawn with seed={meta['seed']}, this command gives "
+                         f"seed={cfg.seed} (the seed draws the matches and seeds the estimators): give "
+                         f"seed={meta['seed']}")
     given = OmegaConf.to_container(cfg.benchmark, resolve=True)
     saved = meta["protocol"] or {}
     differ = [k for k in MATCHING_KEYS if canonical(given.get(k)) != canonical(saved.get(k))]
@@ -500,16 +516,17 @@ def saved_matches_source(cfg, bench, indices: list[int]) -> dict:
         raise ValueError(f"matches_from: the saved matches were made with {({k: saved.get(k) for k in differ})}, "
                          f"this command gives {({k: given.get(k) for k in differ})}: those keys decide the matches; "
                          "give the saved run's values (the others, e.g. RANSAC thresholds, may differ)")
-    records = load_records(dirs, what="matches_from")
+    by_dir = {d: load_records([d], what="matches_from") for d in dirs}
     pairs = bench.pairs()
-    wrong = [r for r in records if r["pair_index"] < len(pairs) and r["pair_id"] != bench.pair_id(pairs[r["pair_index"]])]
+    wrong = [r for recs in by_dir.values() for r in recs
+             if r["pair_index"] < len(pairs) and r["pair_id"] != bench.pair_id(pairs[r["pair_index"]])]
     if wrong:
         i = wrong[0]["pair_index"]
         raise ValueError(f"matches_from: {dirs} recorded pair {i} as {wrong[0]['pair_id']!r}, this dataset lists "
                          f"{bench.pair_id(pairs[i])!r} there: give the dataset tree those runs evaluated")
     source = identity_of(meta["benchmark"], meta["protocol"], meta["seed"], meta["model"] or {},
                          meta["checkpoint_sha256"], meta["dtype"], meta["precision_scope"])
-    matcher = SavedMatches(dirs, source, records)
+    matcher = SavedMatches(source, by_dir)
     unrecorded, unsaved = matcher.unusable(indices)
     if unrecorded:
         raise ValueError(f"matches_from: {len(unrecorded)} of the {len(indices)} selected pairs were not evaluated "
@@ -519,6 +536,8 @@ def saved_matches_source(cfg, bench, indices: list[int]) -> dict:
         raise ValueError(f"matches_from: {len(unsaved)} of the {len(indices)} selected pairs have no saved matches "
                          f"in {dirs} (first: {unsaved[:10]}); were they evaluated with save_matches=true? (a merge= "
                          "run has none: give the shards' directories)")
+    for i in indices[:1]:  # a directory whose files are another run's is refused here, not pair by pair
+        matcher.check_identity(i)
     first = _read_json(Path(dirs[0]) / "metrics.json").get("protocol") or {}
     return {"matcher": matcher, "model": {"arch": "saved_matches", "source": source},
             "checkpoint": meta["checkpoint"], "checkpoint_sha256": meta["checkpoint_sha256"],
@@ -613,14 +632,15 @@ def open_journal(run_dir: Path, header: dict, resumed: list[dict], origins: Mapp
     """This process's journal in ``run_dir`` (rank 0's run directory, for every rank). Rank 0 writes its
     own first, durably (with the ``resumed`` records, so that this run's journals hold all its records,
     whatever directory it resumed), then removes the other journals there and the outputs of an earlier
-    finished run (so that journals without metrics.json always mean an interrupted run); the other
-    ranks open theirs after that."""
+    finished run (so that journals without metrics.json always mean an interrupted run) and the saved
+    matches of the pairs it does not carry over; the other ranks open theirs after that."""
     journal = None
     if rank == 0:
         journal = RecordJournal(journal_path(run_dir, 0), header, resumed, origins, default=_json_default)
         for stale in [*journals_in(run_dir), *(run_dir / n for n in ("metrics.json", "records.json", "pairs.csv"))]:
             if stale != journal.path and stale.exists():
                 stale.unlink()
+        remove_saved_matches(run_dir, keep=(r["pair_index"] for r in resumed))  # (a file: this run matched it)
         fsync_dir(run_dir)
     if world > 1:
         all_ranks(None, group)  # (a barrier)

@@ -305,9 +305,11 @@ def test_weights_loading_checks_keys_and_accepts_lightning_ckpt(small, tmp_path)
     assert "decoder.proj.16.weight" in msg and "(1, 1, 1, 1)" in msg
     assert "These are the weights of" not in msg  # (no architecture has these keys)
     # the weights of another architecture: named, with the option that builds it
-    with pytest.raises(ValueError, match=r"w.pth does not fit .*These are the weights of dkm_small: build that "
-                                         r"architecture \(model=dkm_small on the command line\)"):
+    with pytest.raises(ValueError, match=r"w.pth does not fit .*These are the weights of dkm_small in its default "
+                                         r"configuration: build that \(model=dkm_small on the command line"):
         build_model({"arch": "dkm_base", "weights": str(path), "pretrained": False})
+    with pytest.raises(ValueError, match=r"does not fit this model .*1 unexpected keys: meta_info$"):
+        load_weights(dkm_small(h=64, w=96), dict(sd) | {"meta_info": "v1"})  # (no architecture to suggest)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         dkm_small(weights=tmp_path / "nope.pth")
 

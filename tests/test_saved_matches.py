@@ -86,6 +86,13 @@ def test_matches_from_refuses_what_it_cannot_score(hpatches_tree, tmp_path):
         evaluate_benchmark(cfg_for(*common, f"matches_from={source}", f"merge=[{source}]"), tmp_path / "e")
     with pytest.raises(ValueError, match="matches_from= with save_matches=true"):
         evaluate_benchmark(cfg_for(*common, f"matches_from={source}", "save_matches=true"), tmp_path / "f")
+    with pytest.raises(ValueError, match=r"drawn with seed=0, this command gives seed=2 .*give seed=0"):
+        evaluate_benchmark(cfg_for(*common, f"matches_from={source}", "subset=[0]", "seed=2"), tmp_path / "f2")
+    with pytest.raises(ValueError, match=r"ckpt=.*x.pth is not the checkpoint that made the saved matches"):
+        evaluate_benchmark(cfg_for(*common, f"matches_from={source}", f"ckpt={tmp_path / 'x.pth'}"), tmp_path / "f3")
+    with pytest.raises(ValueError, match="into its own directory would replace the saved run's outputs"):
+        evaluate_benchmark(cfg_for(*common, f"matches_from={source}", "subset=[0]"), source)
+    assert (source / "metrics.json").exists() and len(list((source / "matches").iterdir())) == 3
     for key in ("save_matches=true", f"matches_from={source}"):
         with pytest.raises(ValueError, match="hpatches_dense scores the dense warp, not sparse matches"):
             evaluate_benchmark(cfg_for("benchmark=hpatches_dense", "model=sift", f"data_root={hpatches_tree}", key),
@@ -97,6 +104,8 @@ def test_matches_from_refuses_what_it_cannot_score(hpatches_tree, tmp_path):
     evaluate_benchmark(cfg_for(*common, f"matches_from={source}", "subset=[0,1]"), tmp_path / "h")
     rec = records_of(tmp_path / "h")
     assert not rec[0]["failed"] and rec[1]["failed"] and "another model, protocol or seed" in rec[1]["reason"]
+    with pytest.raises(ValueError, match=r"matches_from: .*000001.npz was saved by a run of another model"):
+        evaluate_benchmark(cfg_for(*common, f"matches_from={source}", "subset=[1]"), tmp_path / "h2")  # at start
     # a pair the saved run failed before matching fails again, with that run's reason
     records = json.loads((source / "records.json").read_text())
     records[2] |= {"failed": True, "reason": "OSError: unreadable image"}
@@ -105,6 +114,37 @@ def test_matches_from_refuses_what_it_cannot_score(hpatches_tree, tmp_path):
     evaluate_benchmark(cfg_for(*common, f"matches_from={source}", "subset=[2]"), tmp_path / "i")
     (rec,) = records_of(tmp_path / "i")
     assert rec["failed"] and "the saved run failed it (OSError: unreadable image)" in rec["reason"]
+
+
+def test_saved_matches_are_those_of_the_run_and_a_lost_file_stops_it(hpatches_tree, tmp_path):
+    """A run into a directory clears the matches an earlier run saved there (a pair that now fails before
+    matching has none, so it is not scored from the old file); a file that cannot be written stops the
+    run instead of failing its pair (which would change the metrics)."""
+    from dkm.benchmarks.base import OutputError
+
+    tree = tmp_path / "tree"
+    shutil.copytree(hpatches_tree, tree)
+    common = ["benchmark=hpatches", "model=sift", "model.num_features=500", f"data_root={tree}", "progress=false",
+              "subset=[0,1,2]"]
+    run = tmp_path / "run"
+    evaluate_benchmark(cfg_for(*common, "save_matches=true"), run)
+    image = tree / "hpatches-sequences-release" / "v_a" / "3.ppm"  # pair 1 is (v_a, 3)
+    good = image.read_bytes()
+    image.write_bytes(b"not an image")
+    evaluate_benchmark(cfg_for(*common, "save_matches=true"), run)  # again, into the same directory
+    image.write_bytes(good)
+    assert not matches_file(run, 1).exists() and matches_file(run, 2).exists()
+    evaluate_benchmark(cfg_for(*common, f"matches_from={run}"), tmp_path / "replay")
+    saved, replayed = records_of(run), records_of(tmp_path / "replay")
+    assert saved[1]["failed"] and replayed[1]["failed"] and saved[1]["reason"] in replayed[1]["reason"]
+    assert [replayed[i] for i in (0, 2)] == [saved[i] for i in (0, 2)]
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "matches").write_text("a file where the folder goes")
+    with pytest.raises(OutputError, match=r"saving the matches of pair 0 \(v_a/1-2\) failed"):
+        evaluate_benchmark(cfg_for(*common, "save_matches=true"), blocked)
+    assert not (blocked / "metrics.json").exists()
 
 
 def test_relative_pose_threshold_sweep_from_a_dkm_models_matches(tmp_path):

@@ -11,7 +11,7 @@ A pair that fails (unreadable image, too few matches, estimator failure, any exc
 recorded with ``failed=True`` and a reason, and scored as the protocol scores a failure; metrics count
 them (``num_failed``). Running out of memory is retried once with the allocator's cache emptied
 before it counts as a failure; a device error (``torch.AcceleratorError``, which leaves the device
-unusable) is raised.
+unusable) and a failure to write an output (:class:`OutputError`) are raised.
 """
 from __future__ import annotations
 
@@ -32,6 +32,11 @@ from tqdm.auto import tqdm
 from ..geometry.coords import normalized_to_pixel
 
 log = logging.getLogger(__name__)
+
+
+class OutputError(RuntimeError):
+    """The run could not write one of its outputs (e.g. a pair's saved matches on a full disk): raised
+    out of the run, never recorded as the pair's failure (that would change the metrics)."""
 
 
 @contextmanager
@@ -173,7 +178,11 @@ class PairBenchmark(ABC):
             raise ValueError(f"the matcher returned {int((~np.isfinite(m)).any(axis=1).sum())} of {len(m)} "
                              "matches with NaN/inf coordinates (e.g. an overflow in reduced precision)")
         if ctx.get("on_matches") is not None:
-            ctx["on_matches"](ctx["pair_index"], ctx["pair_id"], m, c)
+            try:
+                ctx["on_matches"](ctx["pair_index"], ctx["pair_id"], m, c)
+            except Exception as e:
+                raise OutputError(f"{self.name}: saving the matches of pair {ctx['pair_index']} "
+                                  f"({ctx['pair_id']}) failed: {type(e).__name__}: {e}") from e
         return m.astype(np.float64), c
 
     def to_pixels(self, matches: np.ndarray, hw1, hw2, center: float | None = None):
@@ -270,7 +279,7 @@ class PairBenchmark(ABC):
                     if torch.cuda.is_available():
                         torch.cuda.empty_cache()
                     rec = {"failed": False, "reason": ""} | self.evaluate_pair(model, pair, self._seeded_context(i) | known)
-            except torch.AcceleratorError:  # a device error (e.g. a device-side assert) spoils every later pair
+            except (torch.AcceleratorError, OutputError):  # a device error spoils every later pair; a lost output
                 raise
             except Exception as e:  # recorded and scored, never fatal
                 log.warning("%s: pair %d (%s) failed: %s", self.name, i, self.pair_id(pair), e)

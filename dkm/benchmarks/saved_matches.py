@@ -42,6 +42,15 @@ def save_matches(run_dir, pair_index: int, pair_id: str, matches: np.ndarray, ce
     atomic_write(matches_file(run_dir, pair_index), lambda f: f.write(buf.getvalue()))
 
 
+def remove_saved_matches(run_dir, keep) -> None:
+    """Remove the saved matches in ``run_dir`` of every pair not in ``keep`` (a run starting there
+    clears an earlier run's, so that a file exists only where this run matched the pair)."""
+    keep = {int(i) for i in keep}
+    for f in (Path(run_dir) / MATCHES_DIR).glob("*.npz"):
+        if not (f.stem.isdigit() and int(f.stem) in keep):
+            f.unlink()
+
+
 def copy_saved_matches(src_dir, dst_dir, indices) -> list[int]:
     """Copy the saved matches of ``indices`` from run ``src_dir`` into run ``dst_dir`` (a resumed run
     keeps the matches of the pairs it carries over); returns the indices ``src_dir`` has none for."""
@@ -60,25 +69,29 @@ class SavedMatches:
     one evaluation) for a pair index.
 
     Args:
-        run_dirs: finished runs of ``evaluate.py save_matches=true`` (their ``records.json`` tells
-            which pairs they matched and which failed before any match was made).
-        identity: the identity those runs recorded (every file must carry it: files left in a
-            directory by a run of another model, protocol or seed are refused).
-        records: the runs' records, de-duplicated by pair index.
+        run_dirs: finished runs of ``evaluate.py save_matches=true``.
+        identity: the identity those runs recorded (every file must carry it: a file of a run of
+            another model, protocol or seed is refused).
+        records: ``{run dir: its records}`` (``records.json``); a pair's record, and its file, are
+            those of the first run that recorded it.
     """
 
-    def __init__(self, run_dirs, identity: Mapping, records: list[dict]):
-        self.run_dirs = [Path(d) for d in run_dirs]
+    def __init__(self, identity: Mapping, records: Mapping):
+        self.run_dirs = [Path(d) for d in records]
         self.identity = canonical(identity)
-        self.records = {int(r["pair_index"]): r for r in records}
+        self.records, self.sources = {}, {}
+        for d, recs in records.items():
+            for r in recs:
+                i = int(r["pair_index"])
+                if i not in self.records:
+                    self.records[i], self.sources[i] = r, Path(d)
 
     def file_for(self, pair_index: int) -> Path | None:
-        """The saved file of ``pair_index`` in the first run that has one, else ``None``."""
-        for d in self.run_dirs:
-            f = matches_file(d, pair_index)
-            if f.is_file():
-                return f
-        return None
+        """The saved file of ``pair_index`` (in the run whose record is used), else ``None``: that run
+        did not match the pair (a failure before matching) or did not save its matches."""
+        d = self.sources.get(pair_index)
+        f = None if d is None else matches_file(d, pair_index)
+        return f if f is not None and f.is_file() else None
 
     def unusable(self, indices) -> tuple[list[int], list[int]]:
         """Of ``indices``: those the runs did not evaluate, and those they matched without saving the
@@ -88,13 +101,24 @@ class SavedMatches:
                    and self.file_for(i) is None]
         return unrecorded, unsaved
 
+    def check_identity(self, pair_index: int) -> None:
+        """Refuse (``ValueError``) a file of a run of another identity (e.g. this directory's matches
+        replaced by another evaluation): called on the first pair before any is scored."""
+        f = self.file_for(pair_index)
+        if f is not None:
+            with np.load(f, allow_pickle=False) as z:
+                identity = str(z["identity"])
+            if canonical(json.loads(identity)) != self.identity:
+                raise ValueError(f"matches_from: {f} was saved by a run of another model, protocol or seed than "
+                                 f"the one whose metrics.json is in {f.parent.parent}: evaluate that run again")
+
     def saved_matches(self, pair_index: int, pair_id: str) -> tuple[np.ndarray, np.ndarray]:
         """``(matches (N, 4), certainty (N,))`` of a pair; raises if it has none (the saved run failed
         it before matching: that run's reason is given) or if the file is of another pair or run."""
         f = self.file_for(pair_index)
         if f is None:
             rec = self.records.get(pair_index, {})
-            raise RuntimeError(f"no saved matches for pair {pair_index} in {[str(d) for d in self.run_dirs]}: "
+            raise RuntimeError(f"no saved matches for pair {pair_index} in {self.sources.get(pair_index)}: "
                                f"the saved run failed it ({rec.get('reason') or 'no reason recorded'})")
         try:
             with np.load(f, allow_pickle=False) as z:
@@ -105,6 +129,6 @@ class SavedMatches:
         if saved_id != pair_id:
             raise ValueError(f"{f} holds pair {saved_id!r}, this dataset lists {pair_id!r} at index {pair_index}")
         if canonical(json.loads(identity)) != self.identity:
-            raise ValueError(f"{f} was saved by a run of another model, protocol or seed than the run it is in "
-                             "(a leftover of an earlier run in that directory): evaluate that run again")
+            raise ValueError(f"{f} was saved by a run of another model, protocol or seed than the run it is in: "
+                             "evaluate that run again")
         return matches, certainty

@@ -227,6 +227,8 @@ def check_state_dict(model: nn.Module, state_dict: Mapping, name: str = "checkpo
 def architectures_fitting(state_dict: Mapping) -> list[str]:
     """The :data:`ARCHITECTURES` whose parameters have the names and shapes of ``state_dict``'s (built
     on the ``meta`` device: no memory, no download)."""
+    if not all(hasattr(v, "shape") for v in state_dict.values()):
+        return []
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     fits = []
     for arch, kwargs in ARCHITECTURES.items():
@@ -251,8 +253,9 @@ def load_weights(model: nn.Module, weights, assign: bool = False) -> nn.Module:
         fits = architectures_fitting(sd)
         if not fits:
             raise
-        raise ValueError(f"{e}. These are the weights of {' or '.join(fits)}: build that architecture "
-                         f"({', '.join(f'model={a}' for a in fits)} on the command line)") from None
+        raise ValueError(f"{e}. These are the weights of {' or '.join(fits)} in its default configuration: build "
+                         f"that ({', '.join(f'model={a}' for a in fits)} on the command line, without overrides "
+                         "of its architecture)") from None
     if assign:  # contiguous float32 copies only where needed (e.g. a checkpoint saved in half precision)
         ref = model.state_dict()
         sd = {k: v if v.dtype == ref[k].dtype and v.is_contiguous() else v.to(ref[k].dtype).contiguous()
