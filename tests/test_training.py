@@ -853,3 +853,29 @@ def test_the_dkmv3_recipe_validates_with_the_dense_benchmark_at_the_end_of_each_
     assert (out / "metrics.json").is_file() and (out / "pairs.csv").is_file()
     model = res["module"].model
     assert (model.symmetric, model.upsample_preds, model.training) == (True, True, True)
+
+
+def test_the_quickstart_command_trains_and_reports_its_last_line(tmp_path):
+    """The README's main job (``python train.py experiment=quickstart``) end to end on a 10-step schedule:
+    training, checkpoints, the offline W&B run, the held-out evaluation and the report as the last line.
+    The baselines (no warp, SIFT) do not depend on training: their numbers are the README's."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(repo / "train.py"), "experiment=quickstart", "trainer.max_steps=10",
+                          "checkpoint.every_n_train_steps=5", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert re.fullmatch(r"held-out \(15 pairs, HPatches protocol\) \| trained: AUC@3/5/10 [\d.]+/[\d.]+/[\d.]+, "
+                        r"median error [\d.]+px \| untrained: .* \| no-warp: AUC@3/5/10 0\.0/0\.0/0\.0, median error "
+                        r"72\.8px \| SIFT: AUC@3/5/10 93\.5/96\.1/98\.0, median error 0\.2px", lines[-1])
+    assert any(line.startswith("checkpoint: ") and line.endswith("last.ckpt") for line in lines)
+    out = tmp_path / "run"
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "config.yaml").is_file()
+    assert any((out / "wandb").glob("offline-run-*")) and (out / "train.log").is_file()
+    metrics = json.loads((out / "quickstart_metrics.json").read_text())
+    assert set(metrics) >= {"trained", "untrained", "no-warp", "SIFT"} and metrics["SIFT"]["num_pairs"] == 15
