@@ -324,9 +324,10 @@ def merged_records(cfg, bench) -> tuple[list[dict], dict]:
         raise ValueError(f"merge: the runs used seed={meta['seed']}, this command seed={cfg.seed}")
     num_listed = int(meta["num_pairs_in_benchmark"])
     # without limit=/subset= of its own, a merge selects what its runs did (shards of a limit=100 run)
+    own = OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset")
     limit = cfg.limit if cfg.limit is not None else meta["limit"]
-    subset = cfg.get("subset") if cfg.get("subset") is not None else meta["subset"]
-    if (limit, subset) != (cfg.limit, cfg.get("subset")):
+    subset = own if own is not None else meta["subset"]
+    if (limit, subset) != (cfg.limit, own):
         log.info("merge: the runs selected limit=%s, subset=%s; merging that selection", limit, subset)
     indices = select_indices(num_listed if limit is None else min(num_listed, int(limit)), subset, cfg.get("shard"))
     wanted = set(indices)

@@ -100,6 +100,7 @@ def test_merge_selects_what_its_shards_selected(tiny_hpatches, tmp_path):
     assert evaluate_benchmark(cfg_for(*common, shards), tmp_path / "m") == full
     assert json.loads((tmp_path / "m" / "metrics.json").read_text())["limit"] == 4
     assert evaluate_benchmark(cfg_for(*common, shards, "subset=[1,2]"), tmp_path / "m2")["num_pairs"] == 2
+    assert json.loads((tmp_path / "m2" / "metrics.json").read_text())["subset"] == [1, 2]
     for k in range(2):
         evaluate_benchmark(cfg_for(*common, "subset=[4,0,3]", f"shard={k}/2"), tmp_path / f"t{k}")
     merged = evaluate_benchmark(cfg_for(*common, f"merge=[{tmp_path / 't0'},{tmp_path / 't1'}]"), tmp_path / "m3")
