@@ -73,7 +73,7 @@ def test_benchmark_callback_same_metrics_on_one_and_two_ranks(tmp_path):
     m2_step2, rows = read_eval(results[2], 2)
     assert m2_step2["metrics"]["num_pairs"] == 5 and len(rows) == 5
     # logged exactly when evaluated (steps 0 and 2), although the quickstart logs every 10 steps
-    logged = list(csv.DictReader(open(results[2] / "csv" / "metrics.csv")))
+    logged = list(csv.DictReader(open(results[2] / "csv" / "version_0" / "metrics.csv")))
     steps = [int(r["step"]) for r in logged if r.get("hpatches/auc@5")]
     assert steps == [0, 2], steps
     assert (results[2] / "checkpoints" / "last.ckpt").exists()

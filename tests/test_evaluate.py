@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -573,6 +574,19 @@ def test_no_run_replaces_an_interrupted_runs_journals_and_carried_records_keep_t
     assert sorted(v["torch"] for v in resumed["versions"]) == sorted(["1.0-old", torch.__version__])
     assert resumed["num_pairs"] == 5 and "were made with other software versions" in caplog.text
     assert _records(tmp_path / "c") == _records(tmp_path / "m")  # = the uninterrupted run's
+
+
+def test_software_versions_are_plain_strings_that_safe_yaml_reads_back():
+    """(torch.__version__ is a TorchVersion: the hparams.yaml of logger=csv/tensorboard wrote it as a
+    Python object that yaml.safe_load and Lightning's load_hparams_from_yaml refuse.)"""
+    import yaml
+
+    from dkm.utils.versions import software_versions
+
+    versions = software_versions()
+    assert "torch" in sys.modules and versions["torch"] == torch.__version__
+    assert all(v is None or type(v) is str for v in versions.values())
+    assert yaml.safe_load(yaml.dump({"versions": versions})) == {"versions": versions}
 
 
 def test_git_commit_is_that_of_the_checkout_tracking_the_package(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import csv
 import logging
 import math
 import re
@@ -667,9 +668,71 @@ def test_checkpoints_follow_the_run_end_and_the_monitored_evaluation(tmp_path):
               "trainer.max_steps=4", "checkpoint.monitor=hpatches/auc@5")  # 4 steps = one epoch
     assert sorted(p.name for p in (tmp_path / "e" / "checkpoints").glob("best-*.ckpt")) == ["best-4.ckpt"]
     assert (tmp_path / "e" / "benchmarks" / "hpatches" / "step00000004" / "metrics.json").exists()
+    # stopped inside the second epoch (max_steps; likewise max_time or a requeue signal): no evaluation
+    # there, which would be off the every-epoch schedule (Lightning calls on_train_epoch_end all the same)
+    run("e2", *bench, "callbacks.hpatches.every_n_steps=null", "callbacks.hpatches.every_n_epochs=1",
+        "trainer.max_steps=6", "checkpoint.monitor=null")
+    assert sorted(p.name for p in (tmp_path / "e2" / "benchmarks" / "hpatches").iterdir()) == ["step00000004"]
 
     res = run("f", "trainer.max_steps=2", "trainer.precision=bf16-mixed", "checkpoint.monitor=null")
     assert res["trainer"].global_step == 2 and all(math.isfinite(v) for v in res["module"].loss_history)
+
+
+def test_resuming_elsewhere_keeps_the_versions_and_csv_logs_and_bad_resume_settings_fail_at_start(tmp_path):
+    """A run resumed from a checkpoint into a new directory starts its versions.json from the history
+    the checkpoint carries; the CSV logger keeps each start's metrics (version_0, version_1, ...)
+    instead of deleting the earlier ones; its hparams.yaml reads back with a safe YAML loader;
+    ``ckpt_path`` naming weights only (a .pth) and an unknown ``requeue_signal`` fail before training."""
+    import json
+    from pathlib import Path
+
+    import yaml
+    from hydra import compose, initialize_config_dir
+
+    from dkm.lightning.train import train
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    tiny = ["experiment=quickstart", "final_eval=null", "logger=csv", "model.h=64", "model.w=96",
+            "trainer.max_time=null", "trainer.enable_progress_bar=false", "data.module.batch_size=2",
+            "data.module.samples_per_epoch=8", "log_images_every_n_steps=0", "trainer.log_every_n_steps=1",
+            "checkpoint.monitor=null"]
+
+    def run(name, *overrides):
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            cfg = compose("train", overrides=[*tiny, *overrides])
+        return train(cfg, tmp_path / name)
+
+    first = run("a", "trainer.max_steps=2", "checkpoint.every_n_train_steps=2")
+    older = {"dkm": "0.0.1", "torch": "1.0"}  # as if the first start had run other software
+    (tmp_path / "a" / "versions.json").write_text(json.dumps([older]))
+    ckpt = torch.load(first["last_ckpt"], map_location="cpu", weights_only=False)
+    assert len(ckpt["dkm_software_versions"]) == 1
+    ckpt["dkm_software_versions"] = [older]
+    torch.save(ckpt, tmp_path / "a" / "older.ckpt")
+    run("b", "trainer.max_steps=4", "checkpoint.every_n_train_steps=2", f"ckpt_path={tmp_path / 'a' / 'older.ckpt'}")
+    history = json.loads((tmp_path / "b" / "versions.json").read_text())
+    assert history[0] == older and history[1]["torch"] == torch.__version__ and len(history) == 2
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["dkm_software_versions"] == history
+    # the same directory again (a requeue): both starts' metrics stay
+    run("b", "trainer.max_steps=6", "checkpoint.every_n_train_steps=2",
+        f"ckpt_path={tmp_path / 'b' / 'checkpoints' / 'last.ckpt'}")
+    steps = {v.name: sorted({int(r["step"]) for r in csv.DictReader(open(v / "metrics.csv")) if r.get("train/loss_step")})
+             for v in sorted((tmp_path / "b" / "csv").iterdir())}
+    assert steps == {"version_0": [2, 3], "version_1": [4, 5]}, steps
+    hparams = yaml.safe_load((tmp_path / "b" / "csv" / "version_1" / "hparams.yaml").read_text())
+    assert hparams["versions"]["torch"] == torch.__version__
+
+    torch.save(first["module"].model.state_dict(), tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match=r"weights.pth is not a checkpoint of train.py .*model.weights=.*weights.pth"):
+        run("c", "trainer.max_steps=2", f"ckpt_path={tmp_path / 'weights.pth'}")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.ckpt"):
+        run("c", "trainer.max_steps=2", f"ckpt_path={tmp_path / 'nope.ckpt'}")
+    with pytest.raises(ValueError, match=r"requeue_signal='SIGFOO': expected null or a signal name"):
+        run("c", "trainer.max_steps=2", "requeue_signal=SIGFOO")
+    assert not (tmp_path / "c" / "checkpoints").exists()
+    with pytest.raises(Exception, match="Could not load 'callbacks/hpatchs'"):  # a misspelt callback: not ignored
+        run("c", "trainer.max_steps=2", "callbacks=[hpatchs]")
 
 
 def test_benchmark_callback_runs_once_per_optimiser_step():

@@ -36,8 +36,8 @@ def build_logger(cfg: dict, save_dir: Path):
     kind = cfg.pop("kind", "wandb")
     if kind == "none":
         return None
-    if kind == "csv":
-        return CSVLogger(save_dir=str(save_dir), name="csv", version="")
+    if kind == "csv":  # csv/version_<k>/metrics.csv, one per start: a resumed run does not replace the earlier one's
+        return CSVLogger(save_dir=str(save_dir), name="csv")
     if kind == "tensorboard":
         return TensorBoardLogger(save_dir=str(save_dir), name="tensorboard", version="")
     if kind != "wandb":

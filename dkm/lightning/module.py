@@ -53,6 +53,8 @@ class DKMLightningModule(pl.LightningModule):
         self._last_image_step: int | None = None
         self.ema_decay, self.loss_ema = 0.99, None  # loss_ema: a () tensor on the module's device
         self._reset_lr_on_start = False  # set when a checkpoint is loaded (on_load_checkpoint)
+        #: the software versions of the run, one entry per start (set by train.py; saved in checkpoints)
+        self.software_versions: list[dict] = []
 
     def forward(self, batch: dict) -> dict:
         return self.model(batch)
@@ -138,6 +140,8 @@ class DKMLightningModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["dkm_loss_ema"] = None if self.loss_ema is None else float(self.loss_ema)
+        # the run's software versions, one entry per start (train.py sets them; versions.json holds the same)
+        checkpoint["dkm_software_versions"] = list(self.software_versions)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.loss_ema = checkpoint.get("dkm_loss_ema")

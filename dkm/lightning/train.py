@@ -156,14 +156,43 @@ def resume_path(out_dir: Path, ckpt_path: str | None) -> str | None:
     return ckpt_path
 
 
-def record_versions(path: Path) -> dict:
+def record_versions(path: Path, earlier: list | None = None) -> tuple[dict, list[dict]]:
     """The software versions of this start of training, appended to the list in ``path`` (one entry
-    per start with other versions than the last: a run resumed after an upgrade keeps both)."""
+    per start with other versions than the last: a run resumed after an upgrade keeps both). A new run
+    directory starts from ``earlier``, the list the resumed checkpoint carries. Returns this start's
+    versions and the whole list."""
     versions = software_versions()
-    history = json.loads(path.read_text()) if path.exists() else []
+    history = json.loads(path.read_text()) if path.exists() else list(earlier or [])
     if not history or history[-1] != versions:
-        atomic_write_text(path, json.dumps([*history, versions], indent=2))
-    return versions
+        history = [*history, versions]
+        atomic_write_text(path, json.dumps(history, indent=2))
+    return versions, history
+
+
+def resumed_checkpoint(ckpt_path) -> dict | None:
+    """The ``train.py`` checkpoint ``ckpt_path`` names (memory-mapped), or ``None`` without one; a file
+    that is not one (an official or exported ``.pth``: weights only) is refused before training, with
+    the option that starts from weights instead."""
+    if ckpt_path is None or ckpt_path == "hpc":
+        return None
+    from ..models.zoo import read_checkpoint
+
+    state = read_checkpoint(ckpt_path)  # (names a missing or unreadable file)
+    if not (isinstance(state, dict) and "pytorch-lightning_version" in state and "state_dict" in state):
+        raise ValueError(f"ckpt_path={ckpt_path} is not a checkpoint of train.py (it holds no training state: "
+                         "step, optimiser, data position); ckpt_path= resumes a run. To start training from "
+                         f"weights (an official or exported .pth), give model.weights={ckpt_path}")
+    return state
+
+
+def check_requeue_signal(name) -> None:
+    """``requeue_signal``: ``null`` or a signal name such as ``SIGUSR1`` (checked in every job, not only
+    under SLURM, where a wrong name would surface at the first requeue)."""
+    import signal
+
+    if name is not None and name not in signal.Signals.__members__:
+        raise ValueError(f"requeue_signal={name!r}: expected null or a signal name, e.g. SIGUSR1 "
+                         "(as in #SBATCH --signal=SIGUSR1@90)")
 
 
 def train(cfg: DictConfig, out_dir) -> dict:
@@ -171,10 +200,15 @@ def train(cfg: DictConfig, out_dir) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
-    versions = {}
+    check_requeue_signal(cfg.get("requeue_signal"))
+    ckpt_path = resume_path(out_dir, cfg.ckpt_path)
+    resumed = resumed_checkpoint(ckpt_path)
+    versions, history = {}, []
     if rank_zero_only.rank == 0:  # (every rank runs this under srun or torchrun)
         (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        versions = record_versions(out_dir / "versions.json")
+        versions, history = record_versions(out_dir / "versions.json",
+                                            earlier=(resumed or {}).get("dkm_software_versions"))
+    del resumed
     data = DKMDataModule(**OmegaConf.to_container(cfg.data.module, resolve=True), seed=cfg.seed)
     data.setup("fit")  # a missing or partial dataset tree fails here, before any training
     bench_callbacks = build_benchmark_callbacks(cfg.get("callbacks") or {}, seed=cfg.seed)  # checks data roots
@@ -183,9 +217,10 @@ def train(cfg: DictConfig, out_dir) -> dict:
                                 OmegaConf.to_container(cfg.optim, resolve=True),
                                 log_images_every_n_steps=cfg.log_images_every_n_steps,
                                 channels_last=cfg.channels_last)
+    module.software_versions = history  # (saved in its checkpoints: a resume elsewhere keeps the history)
     trainer, best = build_trainer(cfg, out_dir, bench_callbacks)
     if trainer.logger is not None and hasattr(trainer.logger, "log_hyperparams"):
         trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True) | {"versions": versions})
-    trainer.fit(module, datamodule=data, ckpt_path=resume_path(out_dir, cfg.ckpt_path))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return {"module": module, "trainer": trainer, "last_ckpt": out_dir / "checkpoints" / "last.ckpt",
             "best_ckpt": (best.best_model_path or None) if best is not None else None, "out_dir": out_dir}

@@ -16,9 +16,11 @@ PACKAGES = (("torch", "torch", ("torch",)), ("torchvision", "torchvision", ("tor
 
 def _version(module: str, dists: tuple[str, ...]) -> str | None:
     """The imported module's ``__version__`` (with local tags such as ``+cu130``), else the installed
-    distribution's; nothing is imported here."""
+    distribution's; nothing is imported here. A plain ``str`` (torch's is a ``TorchVersion``, which YAML
+    dumps of the logged hyperparameters would write as a Python object that safe loaders refuse)."""
     if module in sys.modules:
-        return getattr(sys.modules[module], "__version__", None)
+        version = getattr(sys.modules[module], "__version__", None)
+        return None if version is None else str(version)
     for dist in dists:
         try:
             return importlib.metadata.version(dist)
