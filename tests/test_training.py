@@ -673,6 +673,11 @@ def test_checkpoints_follow_the_run_end_and_the_monitored_evaluation(tmp_path):
     run("e2", *bench, "callbacks.hpatches.every_n_steps=null", "callbacks.hpatches.every_n_epochs=1",
         "trainer.max_steps=6", "checkpoint.monitor=null")
     assert sorted(p.name for p in (tmp_path / "e2" / "benchmarks" / "hpatches").iterdir()) == ["step00000004"]
+    # epochs cut short by limit_train_batches do end (Lightning's own test: as many batches as the epoch has)
+    run("e3", *bench, "callbacks.hpatches.every_n_steps=null", "callbacks.hpatches.every_n_epochs=1",
+        "trainer.max_steps=4", "+trainer.limit_train_batches=2", "checkpoint.monitor=null")
+    assert sorted(p.name for p in (tmp_path / "e3" / "benchmarks" / "hpatches").iterdir()) == ["step00000002",
+                                                                                             "step00000004"]
 
     res = run("f", "trainer.max_steps=2", "trainer.precision=bf16-mixed", "checkpoint.monitor=null")
     assert res["trainer"].global_step == 2 and all(math.isfinite(v) for v in res["module"].loss_history)

@@ -62,7 +62,8 @@ class BenchmarkCallback(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         # Lightning also calls this when training stops inside an epoch (max_steps, max_time, a requeue
         # signal): that is no epoch's end, and the benchmark would run off its schedule (in a requeue's grace time)
-        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        progress = trainer.fit_loop.epoch_loop.batch_progress  # (as Lightning decides an epoch is over)
+        if not (progress.is_last_batch or progress.current.ready == trainer.num_training_batches):
             return
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self.run(trainer, pl_module, at_epoch_end=True)
