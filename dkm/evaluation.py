@@ -261,13 +261,15 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     merging = bool(cfg.get("merge"))
-    bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=cfg.limit,
-                            index=not merging)  # a missing or incomplete dataset fails here, early
     if merging:
         refuse_interrupted_run(out_dir)  # (its metrics.json would make the journals look finished)
-        records, run = merged_records(cfg, bench)
+    limit, subset = selection(cfg)
+    bench = build_benchmark(cfg.benchmark, cfg.data_root, seed=cfg.seed, limit=limit,
+                            index=not merging)  # a missing or incomplete dataset fails here, early
+    if merging:
+        records, run = merged_records(cfg, bench, limit, subset)
     else:
-        records, run = evaluated_records(cfg, bench, out_dir, rank, world, local_rank, gather_group)
+        records, run = evaluated_records(cfg, bench, out_dir, rank, world, local_rank, gather_group, subset)
     metrics = bench.compute_metrics(records)
     if rank > 0:  # rank 0 writes the outputs
         return metrics
@@ -288,10 +290,9 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
         "model_settings": run.get("model_settings"),
         "dtype": run.get("dtype", cfg.dtype),  # (merge=: the runs')
         "precision_scope": run.get("precision_scope", cfg.get("precision_scope", "refiners")),
-        "limit": run.get("limit", cfg.limit),
+        "limit": limit,
         "dataset_warnings": run["dataset_warnings"],
-        "subset": run.get("subset", OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset"))
-                          else cfg.get("subset")),
+        "subset": subset,
         "shard": cfg.get("shard"),
         "merged_from": [str(d) for d in cfg.merge] if merging else None,
         "matches_from": run.get("matches_from"),
@@ -309,7 +310,23 @@ def _evaluate_benchmark(cfg, out_dir, rank: int, world: int, local_rank: int, ga
     return metrics
 
 
-def merged_records(cfg, bench) -> tuple[list[dict], dict]:
+def selection(cfg) -> tuple[int | None, list | str | None]:
+    """``(limit, subset)`` of this run: the command's; for ``merge=`` and ``matches_from=`` without its
+    own, the one the runs it reads share (the shards of a ``limit=100`` run merge as that run)."""
+    subset = OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset")
+    limit, sources = cfg.limit, cfg.get("merge") or cfg.get("matches_from")
+    if not sources or (limit is not None and subset is not None):
+        return limit, subset
+    what = "merge" if cfg.get("merge") else "matches_from"
+    dirs = [str(sources)] if isinstance(sources, (str, Path)) else [str(d) for d in sources]
+    meta = load_run_metadata(dirs, what=what)
+    inherited = (meta["limit"] if limit is None else limit, meta["subset"] if subset is None else subset)
+    if inherited != (limit, subset):
+        log.info("%s: the runs selected limit=%s, subset=%s; so does this one", what, *inherited)
+    return inherited
+
+
+def merged_records(cfg, bench, limit, subset) -> tuple[list[dict], dict]:
     """``merge=``: the selected pairs' records of the runs named, and what those runs' ``metrics.json``
     agree on (model, checkpoint, pair count, dataset warnings; ``missing_pairs`` with ``merge_partial``)."""
     meta = load_run_metadata(list(cfg.merge))
@@ -323,12 +340,6 @@ def merged_records(cfg, bench) -> tuple[list[dict], dict]:
     if meta["seed"] is not None and meta["seed"] != cfg.seed:
         raise ValueError(f"merge: the runs used seed={meta['seed']}, this command seed={cfg.seed}")
     num_listed = int(meta["num_pairs_in_benchmark"])
-    # without limit=/subset= of its own, a merge selects what its runs did (shards of a limit=100 run)
-    own = OmegaConf.to_container(cfg.subset) if OmegaConf.is_config(cfg.get("subset")) else cfg.get("subset")
-    limit = cfg.limit if cfg.limit is not None else meta["limit"]
-    subset = own if own is not None else meta["subset"]
-    if (limit, subset) != (cfg.limit, own):
-        log.info("merge: the runs selected limit=%s, subset=%s; merging that selection", limit, subset)
     indices = select_indices(num_listed if limit is None else min(num_listed, int(limit)), subset, cfg.get("shard"))
     wanted = set(indices)
     records = [r for r in load_records(cfg.merge) if r["pair_index"] in wanted]
@@ -344,19 +355,19 @@ def merged_records(cfg, bench) -> tuple[list[dict], dict]:
     if len(meta["versions"]) > 1:
         log.warning("merge: the runs were made with different software versions: %s", meta["versions"])
     return records, {"versions": versions, "dtype": meta["dtype"], "precision_scope": meta["precision_scope"],
-                     "limit": limit, "subset": subset, "matches_from": meta["matches_from"],
+                     "matches_from": meta["matches_from"],
                      "model": meta["model"], "checkpoint": meta["checkpoint"],
                      "checkpoint_sha256": meta["checkpoint_sha256"], "dataset_warnings": meta["dataset_warnings"],
                      "num_pairs_in_benchmark": num_listed, "missing_pairs": missing}
 
 
 def evaluated_records(cfg, bench, out_dir: Path, rank: int, world: int, local_rank: int,
-                      gather_group) -> tuple[list[dict], dict]:
+                      gather_group, subset=None) -> tuple[list[dict], dict]:
     """Build the model and evaluate the selected pairs (this process's share of those without a record
     in the ``resume=`` run), journaling each record; returns every rank's records (with the resumed
     ones) and the run's facts for ``metrics.json`` (model, checkpoint, devices, resolutions, ...)."""
     num_listed = bench.num_listed
-    indices = select_indices(len(bench), cfg.get("subset"), cfg.get("shard"))
+    indices = select_indices(len(bench), subset, cfg.get("shard"))
     run_dir = out_dir  # where the outputs and every rank's journal go: rank 0's run directory
     if world > 1:  # every rank must mean the same pairs by the same indices (node-local copies may differ)
         listed = hashlib.sha1("\n".join(bench.pair_id(p) for p in bench.pairs()).encode()).hexdigest()

@@ -76,7 +76,11 @@ def test_matches_from_refuses_what_it_cannot_score(hpatches_tree, tmp_path):
         evaluate_benchmark(cfg_for(*common, "benchmark.num_samples=999", f"matches_from={source}", "subset=[0]"),
                            tmp_path / "a")
     with pytest.raises(ValueError, match=r"2 of the 5 selected pairs were not evaluated .* \(first: \[3, 4\]\)"):
-        evaluate_benchmark(cfg_for(*common, f"matches_from={source}"), tmp_path / "b")
+        evaluate_benchmark(cfg_for(*common, f"matches_from={source}", "subset=[0,1,2,3,4]"), tmp_path / "b")
+    # without a selection of its own it takes the saved run's (as merge= does)
+    evaluate_benchmark(cfg_for(*common, f"matches_from={source}"), tmp_path / "b2")
+    assert [r["pair_index"] for r in records_of(tmp_path / "b2")] == [0, 1, 2]
+    assert json.loads((tmp_path / "b2" / "metrics.json").read_text())["subset"] == [0, 1, 2]
     evaluate_benchmark(cfg_for(*common, "subset=[0]"), tmp_path / "unsaved")
     with pytest.raises(ValueError, match=r"1 of the 1 selected pairs have no saved matches .*save_matches=true"):
         evaluate_benchmark(cfg_for(*common, f"matches_from={tmp_path / 'unsaved'}", "subset=[0]"), tmp_path / "c")
