@@ -101,16 +101,29 @@ class SavedMatches:
                    and self.file_for(i) is None]
         return unrecorded, unsaved
 
+    def _read(self, f: Path) -> tuple[str, np.ndarray, np.ndarray]:
+        """``(pair_id, matches, certainty)`` of a saved file; ``ValueError`` naming it if it is not one or
+        was saved by a run of another identity (e.g. left there by another evaluation)."""
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                saved_id, identity = str(z["pair_id"]), str(z["identity"])
+                matches, certainty = z["matches"], z["certainty"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{f}: not a saved-matches file with matches, certainty, pair_id, identity ({e})") from e
+        if canonical(json.loads(identity)) != self.identity:
+            raise ValueError(f"{f} was saved by a run of another model, protocol or seed than the one whose "
+                             f"metrics.json is in {f.parent.parent}: evaluate that run again")
+        return saved_id, matches, certainty
+
     def check_identity(self, pair_index: int) -> None:
-        """Refuse (``ValueError``) a file of a run of another identity (e.g. this directory's matches
-        replaced by another evaluation): called on the first pair before any is scored."""
+        """Refuse (``ValueError``) a file of a run of another identity: called on the first pair before
+        any is scored, so that a directory of another run's files is refused at start."""
         f = self.file_for(pair_index)
         if f is not None:
-            with np.load(f, allow_pickle=False) as z:
-                identity = str(z["identity"])
-            if canonical(json.loads(identity)) != self.identity:
-                raise ValueError(f"matches_from: {f} was saved by a run of another model, protocol or seed than "
-                                 f"the one whose metrics.json is in {f.parent.parent}: evaluate that run again")
+            try:
+                self._read(f)
+            except ValueError as e:
+                raise ValueError(f"matches_from: {e}") from None
 
     def saved_matches(self, pair_index: int, pair_id: str) -> tuple[np.ndarray, np.ndarray]:
         """``(matches (N, 4), certainty (N,))`` of a pair; raises if it has none (the saved run failed
@@ -120,15 +133,7 @@ class SavedMatches:
             rec = self.records.get(pair_index, {})
             raise RuntimeError(f"no saved matches for pair {pair_index} in {self.sources.get(pair_index)}: "
                                f"the saved run failed it ({rec.get('reason') or 'no reason recorded'})")
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                saved_id, identity = str(z["pair_id"]), str(z["identity"])
-                matches, certainty = z["matches"], z["certainty"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"{f}: not a saved-matches file with matches, certainty, pair_id, identity ({e})") from e
+        saved_id, matches, certainty = self._read(f)
         if saved_id != pair_id:
             raise ValueError(f"{f} holds pair {saved_id!r}, this dataset lists {pair_id!r} at index {pair_index}")
-        if canonical(json.loads(identity)) != self.identity:
-            raise ValueError(f"{f} was saved by a run of another model, protocol or seed than the run it is in: "
-                             "evaluate that run again")
         return matches, certainty
